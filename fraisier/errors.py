@@ -264,14 +264,15 @@ def translate_exception(exc: BaseException, **context: Any) -> FraisierError:
     detail = f"{type(exc).__name__}: {exc}".strip()
 
     if isinstance(exc, paramiko.BadHostKeyException):
-        from fraisier.transport.hostkeys import fingerprint
-
+        # PKey.fingerprint (paramiko >= 3.2) has the "SHA256:<base64>" form of ssh-keygen -l.
+        expected = exc.expected_key.fingerprint
+        received = exc.key.fingerprint
         return HostKeyError(
-            f"host key of {host} changed: expected {fingerprint(exc.expected_key)}, "
-            f"received {fingerprint(exc.key)}; if the change is planned, remove the old entry "
+            f"host key of {host} changed: expected {expected}, "
+            f"received {received}; if the change is planned, remove the old entry "
             f"with 'ssh-keygen -R' and add the new key to known_hosts",
-            expected=fingerprint(exc.expected_key),
-            received=fingerprint(exc.key),
+            expected=expected,
+            received=received,
             code="host_key_changed",
             context=context,
         )
@@ -307,12 +308,14 @@ def translate_exception(exc: BaseException, **context: Any) -> FraisierError:
     if isinstance(exc, OSError):
         return HostUnreachableError(f"network error on {host}: {detail}", context=context)
 
-    try:
-        from invoke.exceptions import CommandTimedOut, UnexpectedExit
-    except ImportError:  # pragma: no cover - invoke is a hard dependency
-        CommandTimedOut = UnexpectedExit = ()  # type: ignore[assignment,misc] # noqa: N806
+    from invoke.exceptions import CommandTimedOut, UnexpectedExit
+
     if isinstance(exc, CommandTimedOut):
-        return DeploymentTimeoutError(f"command timed out on {host}: {detail}", context=context)
+        # str(CommandTimedOut) spans many lines with the whole output; the message stays on one.
+        return DeploymentTimeoutError(
+            f"command {exc.result.command!r} timed out after {exc.timeout}s on {host}",
+            context=context,
+        )
     if isinstance(exc, UnexpectedExit):
         result = exc.result
         return CommandFailedError(
