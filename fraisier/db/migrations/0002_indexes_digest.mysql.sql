@@ -1,0 +1,9 @@
+-- Version 2: the configuration digest and Pushgateway error of a run, and the query indexes.
+-- MySQL commits each DDL statement on its own, so a failure leaves the earlier ones applied.
+-- The MySQL driver then skips "duplicate column" and "duplicate key name" errors on the rerun.
+ALTER TABLE runs ADD COLUMN config_digest VARCHAR(255) NULL;
+ALTER TABLE runs ADD COLUMN push_error MEDIUMTEXT NULL;
+CREATE INDEX runs_pair_started ON runs (environment, fraise, started_at);
+CREATE INDEX runs_started ON runs (started_at);
+CREATE INDEX run_steps_name_started ON run_steps (name, started_at);
+CREATE INDEX audit_events_run ON audit_events (run_id);
