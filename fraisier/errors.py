@@ -264,9 +264,10 @@ def translate_exception(exc: BaseException, **context: Any) -> FraisierError:
     detail = f"{type(exc).__name__}: {exc}".strip()
 
     if isinstance(exc, paramiko.BadHostKeyException):
-        # PKey.fingerprint (paramiko >= 3.2) has the "SHA256:<base64>" form of ssh-keygen -l.
-        expected = exc.expected_key.fingerprint
-        received = exc.key.fingerprint
+        from fraisier.transport.hostkeys import fingerprint
+
+        expected = fingerprint(exc.expected_key)
+        received = fingerprint(exc.key)
         return HostKeyError(
             f"host key of {host} changed: expected {expected}, "
             f"received {received}; if the change is planned, remove the old entry "

@@ -1,7 +1,7 @@
 """Recovery strategies: retry with backoff, fallback to alternatives, rollback reasons, breakers.
 
-The strategies decide; they do not deploy. ``RetryStrategy.run`` and ``FallbackStrategy.run``
-wrap a callable, and ``fraisier.error_handler.ErrorHandler`` asks the same objects for a
+The strategies decide, but they do not deploy. ``RetryStrategy.run`` and ``FallbackStrategy.run``
+wrap a callable, and ``fraisier.error_handler.ErrorHandler`` queries the same objects for a
 decision when the engine drives the loop itself.
 """
 
@@ -35,7 +35,7 @@ logger = logging.getLogger("fraisier.recovery")
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Values of the rollback ``reason``; they are also metric label values, so the set stays fixed.
+# Values of the rollback ``reason``. They are also metric label values, so the set stays fixed.
 ROLLBACK_REASONS = (
     "health_check",
     "timeout",
@@ -45,8 +45,8 @@ ROLLBACK_REASONS = (
     "interrupted",
 )
 
-# Longest single sleep while waiting between attempts, in seconds. ``should_stop`` is checked
-# between slices, so a SIGINT stops the wait within this time.
+# Maximum length of one sleep call while waiting between attempts, in seconds. ``should_stop``
+# is checked between slices, so a SIGINT stops the wait within this time.
 SLEEP_SLICE = 0.1
 
 _UNSET: Any = object()
@@ -120,7 +120,7 @@ def _flag(settings: Mapping[str, Any], key: str, default: bool) -> bool:
 
 
 class RetryStrategy:
-    """Retries recoverable Fraisier errors with capped exponential backoff and jitter.
+    """Strategy that retries recoverable Fraisier errors with capped exponential backoff.
 
     Attempt ``n`` (1-based) that fails waits ``delay(n)`` before attempt ``n + 1``. The base
     wait is ``min(max_delay, base_delay * multiplier ** (n - 1))``, and jitter draws the actual
@@ -163,7 +163,7 @@ class RetryStrategy:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], **kwargs: Any) -> RetryStrategy:
-        """Build a strategy from inventory settings; ``retries`` counts retries, not attempts.
+        """Build a strategy from inventory settings, where ``retries`` counts retries, not attempts.
 
         Keys: ``retries`` (default 2), ``retry_delay`` (seconds, default 1), ``retry_backoff``
         (multiplier, default 2), ``retry_max_delay`` (seconds, default 30), ``retry_jitter``
@@ -239,26 +239,28 @@ class RetryStrategy:
                 if not self.should_retry(error, attempt, elapsed):
                     raise
                 if should_stop is not None and should_stop():
-                    logger.info("retry of %s stopped before attempt %d", _code(error), attempt + 1)
+                    logger.info(
+                        "retry of %s stopped before attempt %d", _error_code(error), attempt + 1
+                    )
                     raise
                 wait = self.delay(attempt)
                 logger.warning(
                     "attempt %d/%d failed (%s: %s); retrying in %.2fs",
                     attempt,
                     self.max_attempts,
-                    _code(error),
+                    _error_code(error),
                     redact(str(error)),
                     wait,
                 )
                 if on_retry is not None:
                     on_retry(error, attempt, wait)
                 if not self._wait(wait, should_stop):
-                    logger.info("retry of %s stopped during the wait", _code(error))
+                    logger.info("retry of %s stopped during the wait", _error_code(error))
                     raise
             attempt += 1
 
     def _wait(self, seconds: float, should_stop: Callable[[], bool] | None) -> bool:
-        """Sleep ``seconds`` in slices; return False as soon as ``should_stop()`` is true."""
+        """Sleep ``seconds`` in slices and return False as soon as ``should_stop()`` is true."""
         remaining = seconds
         while remaining > 0:
             if should_stop is not None and should_stop():
@@ -276,12 +278,12 @@ class RetryStrategy:
         )
 
 
-def _code(error: BaseException) -> str:
+def _error_code(error: BaseException) -> str:
     return error.code if isinstance(error, FraisierError) else type(error).__name__
 
 
 class FallbackStrategy(Generic[T]):
-    """Tries alternatives in order, such as artifact mirrors or source URLs.
+    """Strategy that tries alternatives in order, such as artifact mirrors or source URLs.
 
     Any ``ProviderError``, recoverable or not, moves on to the next alternative. Other
     exceptions propagate at once, because a bad release or a bug fails on every mirror.
@@ -352,7 +354,7 @@ class FallbackStrategy(Generic[T]):
 
 
 class FailStrategy:
-    """Fails at once: registered for errors that no retry or rollback can fix."""
+    """Strategy that fails at once, for errors that no retry or rollback can fix."""
 
     def __init__(self, reason: str = "not_recoverable") -> None:
         self.reason = reason
@@ -362,7 +364,7 @@ class FailStrategy:
 
 
 class RollbackRecoveryStrategy:
-    """Maps a failure to a rollback reason, or to None when that kind must not roll back."""
+    """Strategy that maps a failure to a rollback reason, or to None when it must not roll back."""
 
     def __init__(
         self,
@@ -421,7 +423,7 @@ BREAKER_STATES = ("closed", "open", "half_open")
 
 
 class CircuitBreaker:
-    """Stops contacting a host after consecutive failures, then lets one probe through.
+    """Per-host switch that blocks calls after consecutive failures, then lets one probe through.
 
     ``closed``: calls pass and failures are counted; ``failure_threshold`` consecutive
     failures open the breaker. ``open``: calls are rejected until ``reset_timeout`` seconds
@@ -483,7 +485,7 @@ class CircuitBreaker:
         self._state = state
 
     def allow(self) -> bool:
-        """Return True when a call may go ahead; in ``half_open`` this claims the probe slot."""
+        """Return True when a call may go ahead. In ``half_open``, True claims the probe slot."""
         with self._lock:
             self._expire_open()
             if self._state == "closed":
@@ -508,7 +510,7 @@ class CircuitBreaker:
             self._transition("closed")
 
     def record_failure(self) -> None:
-        """Count a failure; open the breaker at the threshold or when a probe fails."""
+        """Count a failure and open the breaker at the threshold or when a probe fails."""
         with self._lock:
             self._expire_open()
             self._failures += 1
@@ -536,7 +538,7 @@ class CircuitBreakerBoard:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], **kwargs: Any) -> CircuitBreakerBoard:
         """Build from ``breaker_failure_threshold`` (default 3) and ``breaker_reset_timeout``
-        (seconds, default 30); ``kwargs`` pass ``clock`` through."""
+        (seconds, default 30). ``kwargs`` pass ``clock`` through."""
         return cls(
             failure_threshold=_setting(
                 settings, "breaker_failure_threshold", 3, minimum=1, integer=True

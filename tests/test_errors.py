@@ -33,6 +33,7 @@ from fraisier.errors import (
     ValidationError,
     translate_exception,
 )
+from fraisier.transport.hostkeys import fingerprint
 
 SSHD = "/usr/sbin/sshd"
 
@@ -216,10 +217,10 @@ def test_translate_bad_host_key_from_generated_keys() -> None:
     assert isinstance(error, HostKeyError)
     assert error.code == "host_key_changed"
     assert error.recoverable is False
-    assert error.expected == expected.fingerprint
-    assert error.received == received.fingerprint
+    assert error.expected == fingerprint(expected)
+    assert error.received == fingerprint(received)
     assert error.expected != error.received
-    assert error.expected.startswith("SHA256:")
+    assert error.expected.startswith("ssh-rsa SHA256:")
     assert "ssh-keygen -R" in error.message
 
 
@@ -381,5 +382,5 @@ def test_translate_real_host_key_change(sshd: tuple[int, Path]) -> None:
 
     assert isinstance(error, HostKeyError)
     assert error.code == "host_key_changed"
-    assert error.expected == other_key.fingerprint
-    assert error.received == real_key.fingerprint
+    assert error.expected == fingerprint(other_key)
+    assert error.received == fingerprint(real_key)
