@@ -34,7 +34,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import pushadd_to_gateway
 from prometheus_client.registry import Collector
 
-from fraisier.errors import ConfigurationError
+from fraisier.errors import ConfigurationError, FraisierError
 from fraisier.records import RUN_STATUSES, HostRecord, RunRecord, StepRecord, utc_now
 from fraisier.redact import redact, register_secret
 
@@ -68,6 +68,19 @@ _HOST_STATUS_TO_RESULT = {
     "unreachable": "failed",
     "rolled_back": "rolled_back",
 }
+
+# Rollback reasons that the runner records (fraisier.hostrun.rollback_reason, plus "run_failed"
+# and "manual"). Their counters are pushed as 0 before the first rollback, so that increase()
+# sees the step from 0 to 1; a counter series that appears with value 1 shows no increase.
+ROLLBACK_REASONS = (
+    "health_check",
+    "interrupted",
+    "manual",
+    "run_failed",
+    "step_failed",
+    "timeout",
+    "unreachable",
+)
 
 DEPLOY_DURATION_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
 HEALTH_CHECK_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -232,6 +245,26 @@ def _bound_text(bound: float) -> str:
     return repr(float(bound))
 
 
+def _error_codes() -> set[str]:
+    """Return the class-level code of every loaded FraisierError subclass."""
+    codes: set[str] = set()
+    pending: list[type[FraisierError]] = [FraisierError]
+    while pending:
+        cls = pending.pop()
+        codes.add(cls.code)
+        pending.extend(cls.__subclasses__())
+    return codes
+
+
+def _counts(counts: dict[str, int], known: Iterable[str]) -> dict[tuple[str, ...], float]:
+    """Map counts to label tuples, with 0 for every known key; keys cut alike are added up."""
+    values = {(key,): 0.0 for key in known}
+    for key, count in counts.items():
+        label = (_label(key),)
+        values[label] = values.get(label, 0.0) + float(count)
+    return values
+
+
 def _stats_values(stats: RunStats) -> tuple[_Values, dict[str, _Histogram]]:
     """Compute the database-derived counters and histograms of one (environment, fraise)."""
     deployments = dict.fromkeys(FINAL_RUN_STATUSES, 0.0)
@@ -240,17 +273,11 @@ def _stats_values(stats: RunStats) -> tuple[_Values, dict[str, _Histogram]]:
             deployments[status] = float(count)
 
     values: _Values = {
-        "fraisier_deployments_total": {(_label(s),): c for s, c in deployments.items()},
-        "fraisier_errors_total": {
-            (_label(code),): float(count) for code, count in stats.errors_by_code.items()
-        },
-        "fraisier_rollbacks_total": {},
+        "fraisier_deployments_total": {(status,): c for status, c in deployments.items()},
+        # Known error codes and rollback reasons start at 0; see ROLLBACK_REASONS.
+        "fraisier_errors_total": _counts(stats.errors_by_code, _error_codes()),
+        "fraisier_rollbacks_total": _counts(stats.rollbacks_by_reason, ROLLBACK_REASONS),
     }
-    # Two reasons that are cut to the same label value are added up.
-    rollbacks = values["fraisier_rollbacks_total"]
-    for reason, count in stats.rollbacks_by_reason.items():
-        key = (_label(reason),)
-        rollbacks[key] = rollbacks.get(key, 0.0) + float(count)
     if stats.last_success_at is not None:
         values["fraisier_last_success_timestamp_seconds"] = {(): _timestamp(stats.last_success_at)}
 

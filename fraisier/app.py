@@ -1,0 +1,383 @@
+"""Wiring of a task run: project root, inventory, run database, audit, metrics and the summary.
+
+The Invoke tasks in ``fraisier.cli`` stay thin and call the functions here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fraisier.errors import ConfigurationError, ExitCode, FraisierError
+from fraisier.interrupt import Interrupt
+from fraisier.logging import log_context
+from fraisier.inventory import Inventory, find_inventory, load_inventory
+from fraisier.runner import FraiseRun, RunOptions, RunResult, RunServices, run_workdir
+
+log = logging.getLogger("fraisier.app")
+
+PROJECT_ENV = "FRAISIER_PROJECT"
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """Return the project root: ``FRAISIER_PROJECT``, else the nearest folder with ``inventories/``."""
+    if os.environ.get(PROJECT_ENV):
+        return Path(os.environ[PROJECT_ENV]).expanduser().resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "inventories").is_dir():
+            return folder
+    return here
+
+
+def load(environment: str, inventory: str | None = None) -> Inventory:
+    """Load the inventory of ``environment`` from the project, or from an explicit file."""
+    if inventory:
+        path = Path(inventory).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(f"inventory file {path} not found; fix --inventory")
+        return load_inventory(path, environment or None)
+    path = find_inventory(environment, find_project_root())
+    return load_inventory(path, environment)
+
+
+# --- run database, audit and metrics ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Backends:
+    services: RunServices
+    store: Any = None
+    recorder: Any = None
+    database_url: str | None = None
+    pushgateway: str | None = None
+
+
+def _var_dir(inventory: Inventory) -> Path:
+    path = inventory.project_root / "var"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def backends(inventory: Inventory) -> Iterator[Backends]:
+    """Open the run database (migrating an empty one), the journal, audit and metrics push."""
+    from fraisier.audit import Auditor
+    from fraisier.db import open_store, resolve_database_url
+    from fraisier.db.recorder import Recorder
+    from fraisier.metrics import push_run_metrics, push_run_start, resolve_pushgateway_url
+
+    url = resolve_database_url(inventory.settings.database, inventory.project_root)
+    journal = _var_dir(inventory) / "journal.jsonl"
+    state: dict[str, Any] = {"store": None}
+
+    def store_factory() -> Any:
+        if state["store"] is None:
+            store = open_store(url)
+            prepare_schema(store)
+            state["store"] = store
+        return state["store"]
+
+    recorder = Recorder(store_factory, journal)
+    try:
+        replayed = recorder.replay()
+        if replayed:
+            log.info("replayed %d journaled record(s) into the run database", replayed)
+    except FraisierError as exc:
+        log.warning("journaled records not replayed yet: %s", exc.message)
+
+    auditor = Auditor(recorder, logging.getLogger("fraisier.audit"))
+    gateway = resolve_pushgateway_url(inventory.settings.pushgateway)
+
+    def db_lock(environment: str, fraise: str, holder: Any, wait_seconds: float) -> Any:
+        from fraisier.records import LockHolder, utc_now
+
+        try:
+            store = store_factory()
+        except FraisierError as exc:
+            log.warning(
+                "run database unavailable, deploying without the cross-controller lock: %s",
+                exc.message,
+            )
+            return contextlib.nullcontext()
+        lock_holder = LockHolder(
+            run_id=holder.run_id,
+            user=holder.user,
+            controller=holder.controller,
+            since=utc_now(),
+            pid=holder.pid,
+        )
+        return _locked_and_abandon(store, environment, fraise, lock_holder, wait_seconds)
+
+    def on_run_start(run: Any) -> None:
+        error = push_run_start(gateway, run.environment, run.fraise)
+        if error:
+            log.warning("metrics push at run start failed: %s", error)
+
+    def on_run_end(result: RunResult) -> None:
+        stats = None
+        with contextlib.suppress(FraisierError):
+            stats = (
+                state["store"].run_stats(result.run.environment, result.run.fraise)
+                if state["store"]
+                else None
+            )
+        error = push_run_metrics(gateway, result.run, result.hosts, result.steps, stats)
+        if error:
+            result.run.push_error = error
+            recorder.save_run(result.run)
+
+    services = RunServices(
+        recorder=recorder,
+        db_lock=db_lock,
+        on_run_start=on_run_start,
+        on_run_end=on_run_end,
+        audit=auditor.record if hasattr(auditor, "record") else None,
+    )
+    try:
+        yield Backends(
+            services=services, store=state, recorder=recorder, database_url=url, pushgateway=gateway
+        )
+    finally:
+        if state["store"] is not None:
+            with contextlib.suppress(Exception):
+                state["store"].close()
+
+
+def prepare_schema(store: Any) -> None:
+    """Migrate an empty database; refuse one that is older or newer than the code."""
+    if store.schema_version() == 0:
+        store.migrate()
+    store.check_schema()
+
+
+@contextlib.contextmanager
+def _locked_and_abandon(
+    store: Any, environment: str, fraise: str, holder: Any, wait_seconds: float
+) -> Iterator[None]:
+    with store.lock(environment, fraise, holder, wait_seconds):
+        try:
+            abandoned = store.mark_abandoned(environment, fraise, holder.run_id)
+            for run_id in abandoned:
+                log.warning("run %s lost its controller and is marked abandoned", run_id)
+        except FraisierError as exc:
+            log.warning("could not check for abandoned runs: %s", exc.message)
+        yield
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+
+def run_task(
+    task: str,
+    environment: str,
+    *,
+    fraise: str | None = None,
+    inventory: str | None = None,
+    options: RunOptions | None = None,
+    to_release: str | None = None,
+    output_json: bool = False,
+) -> int:
+    """Run ``deploy`` or ``rollback`` for every selected fraise and return the exit code."""
+    options = options or RunOptions()
+    inv = load(environment, inventory)
+    fraises = inv.select([f.strip() for f in fraise.split(",")] if fraise else None)
+    interrupt = Interrupt()
+    results: list[RunResult] = []
+
+    runs = [
+        FraiseRun(inv, f, task=task, options=options, services=RunServices(), interrupt=interrupt)
+        for f in fraises
+    ]
+    with interrupt.installed():
+        if options.dry_run:
+            for fraise_run in runs:
+                results.append(fraise_run.deploy(Path(".")))
+            print_plan(results, output_json)
+            return int(ExitCode.SUCCESS)
+        with backends(inv) as backend, run_workdir() as workdir:
+            for fraise_run in runs:
+                if interrupt.is_set:
+                    break
+                fraise_run.services = backend.services
+                with log_context(
+                    run_id=fraise_run.run_id,
+                    environment=inv.environment,
+                    fraise=fraise_run.fraise.name,
+                ):
+                    if task == "deploy":
+                        results.append(fraise_run.deploy(Path(workdir)))
+                    else:
+                        results.append(fraise_run.rollback(to_release))
+    print_summary(results, output_json)
+    return worst_exit_code(results)
+
+
+def worst_exit_code(results: list[RunResult]) -> int:
+    codes = [r.exit_code for r in results]
+    if not codes:
+        return int(ExitCode.SUCCESS)
+    for preferred in (130, 143, int(ExitCode.ROLLBACK_FAILED), int(ExitCode.DEPLOY_FAILED)):
+        if preferred in codes:
+            return preferred
+    return max(codes)
+
+
+def print_plan(results: list[RunResult], output_json: bool) -> None:
+    if output_json:
+        print(json.dumps({"dry_run": True, "plan": [r.plan for r in results]}, indent=2))
+        return
+    print("Dry run: nothing was changed on any host.")
+    for result in results:
+        print("\n".join(result.plan))
+
+
+def print_summary(results: list[RunResult], output_json: bool, stream: Any = None) -> None:
+    """Print which host is on which release, per fraise, and the run's status."""
+    stream = stream or sys.stdout
+    if output_json:
+        payload = [
+            {
+                "run_id": r.run.run_id,
+                "environment": r.run.environment,
+                "fraise": r.run.fraise,
+                "task": r.run.task,
+                "status": r.run.status,
+                "exit_code": r.exit_code,
+                "release": r.run.release_id,
+                "hosts": [
+                    {
+                        "host": h.host,
+                        "status": h.status,
+                        "previous_release": h.previous_release,
+                        "new_release": h.new_release,
+                        "final_release": h.final_release,
+                        "error": h.error_message,
+                    }
+                    for h in r.hosts
+                ],
+            }
+            for r in results
+        ]
+        print(json.dumps(payload, indent=2, ensure_ascii=False), file=stream)
+        return
+    for r in results:
+        print(
+            f"\n{r.run.task} {r.run.environment}/{r.run.fraise} run {r.run.run_id[:12]}: {r.run.status} (exit {r.exit_code})",
+            file=stream,
+        )
+        width = max([len(h.host) for h in r.hosts] + [4])
+        for h in r.hosts:
+            line = f"  {h.host:<{width}}  {h.status:<12} on {h.final_release or 'no release'}"
+            if h.error_message and h.status != "success":
+                line += f"  ({h.error_message})"
+            print(line, file=stream)
+
+
+def releases_report(
+    environment: str,
+    *,
+    fraise: str | None = None,
+    inventory: str | None = None,
+    output_json: bool = False,
+) -> int:
+    """Print the releases and the current one of every fraise on every host; changes nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fraisier.release import ReleasePaths
+    from fraisier.transport import open_transport
+
+    inv = load(environment, inventory)
+    rows: list[dict[str, Any]] = []
+    for selected in inv.select([fraise] if fraise else None):
+        run = FraiseRun(
+            inv,
+            selected,
+            task="releases",
+            options=RunOptions(),
+            services=RunServices(),
+            interrupt=Interrupt(),
+        )
+        deployer = run._deployer("releases", None)
+
+        def read(host: Any, deployer: Any = deployer, selected: Any = selected) -> dict[str, Any]:
+            row: dict[str, Any] = {"fraise": selected.name, "host": host.name}
+            transport = open_transport(host, selected.settings)
+            try:
+                variables = deployer.variables_for(host, None)
+                transport.connect()
+                state = ReleasePaths.parse_state(
+                    transport.run(
+                        ReleasePaths(variables["deploy_to"]).read_state_command(), timeout=30
+                    ).stdout
+                )
+                row.update(
+                    current=state.current,
+                    releases=[{"id": r.release_id, "state": r.state} for r in state.releases],
+                )
+            except FraisierError as exc:
+                row.update(error=exc.message)
+            finally:
+                transport.close()
+            return row
+
+        with ThreadPoolExecutor(
+            max_workers=max(1, min(selected.settings.forks, len(run.hosts)))
+        ) as pool:
+            rows += list(pool.map(read, run.hosts))
+
+    if output_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            if "error" in row:
+                print(f"{row['fraise']} {row['host']}: error: {row['error']}")
+                continue
+            print(f"{row['fraise']} {row['host']}: current {row['current'] or 'none'}")
+            for release in row["releases"]:
+                marker = "*" if release["id"] == row["current"] else " "
+                print(f"  {marker} {release['id']}  {release['state']}")
+    return int(ExitCode.DEPLOY_FAILED) if any("error" in r for r in rows) else int(ExitCode.SUCCESS)
+
+
+def unlock(
+    environment: str, fraise: str, *, host: str | None = None, inventory: str | None = None
+) -> int:
+    """Remove the deploy lock of a fraise on its hosts (or one host), printing each holder."""
+    from fraisier.hostlock import break_lock_command
+    from fraisier.release import ReleasePaths
+    from fraisier.transport import open_transport
+
+    inv = load(environment, inventory)
+    selected = inv.fraise(fraise)
+    run = FraiseRun(
+        inv,
+        selected,
+        task="unlock",
+        options=RunOptions(limit=host),
+        services=RunServices(),
+        interrupt=Interrupt(),
+    )
+    deployer = run._deployer("unlock", None)
+    status = int(ExitCode.SUCCESS)
+    for target in run.hosts:
+        transport = open_transport(target, selected.settings)
+        try:
+            transport.connect()
+            paths = ReleasePaths(deployer.variables_for(target, None)["deploy_to"])
+            result = transport.run(break_lock_command(paths), timeout=30)
+            holder = result.stdout.strip() or "no lock"
+            print(f"{target.name}: removed lock ({holder})")
+        except FraisierError as exc:
+            print(f"{target.name}: error: {exc.message}")
+            status = int(ExitCode.DEPLOY_FAILED)
+        finally:
+            transport.close()
+    return status

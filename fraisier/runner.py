@@ -1,0 +1,664 @@
+"""One run of a task against one environment and fraise: plan, batches, rollback, records.
+
+The flow of a deploy: load the recipe and render every command for every host (so a bad
+variable fails before any host is contacted), prepare the release archive once, take the
+cross-controller lock in the run database, then deploy batch after batch. A batch whose failures
+push the run over ``max_fail_percentage`` stops the run; hosts it already switched are then
+rolled back or left, by ``on_failure``. The exit code is 0 only when every targeted host ended
+on the new release and healthy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Protocol
+
+from fraisier.batches import split_batches, threshold_exceeded
+from fraisier.errors import ExitCode, FraisierError, InterruptedRunError
+from fraisier.hostlock import Holder, controller_identity
+from fraisier.hostrun import HostDeployer, HostRun
+from fraisier.interrupt import Interrupt
+from fraisier.inventory import Fraise, Host, Inventory
+from fraisier.recipes import Recipe, find_recipe, load_recipe, recipes_dir
+from fraisier.records import AuditEvent, HostRecord, RunRecord, StepRecord, utc_now
+from fraisier.release import new_release_id
+from fraisier.sources import Artifact, prepare_artifact
+from fraisier.transport import open_transport
+from fraisier.validation import render, render_plain, validate_release_id
+
+log = logging.getLogger("fraisier.run")
+
+
+class Recorder(Protocol):
+    def save_run(self, run: RunRecord) -> None: ...
+    def save_host(self, host: HostRecord) -> None: ...
+    def save_step(self, step: StepRecord) -> None: ...
+    def save_event(self, event: AuditEvent) -> None: ...
+
+
+class NullRecorder:
+    """A recorder that keeps records in memory only."""
+
+    def __init__(self) -> None:
+        self.runs: list[RunRecord] = []
+        self.hosts: list[HostRecord] = []
+        self.steps: list[StepRecord] = []
+        self.events: list[AuditEvent] = []
+
+    def save_run(self, run: RunRecord) -> None:
+        self.runs.append(dataclasses.replace(run))
+
+    def save_host(self, host: HostRecord) -> None:
+        self.hosts.append(dataclasses.replace(host))
+
+    def save_step(self, step: StepRecord) -> None:
+        self.steps.append(step)
+
+    def save_event(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+
+@dataclasses.dataclass
+class RunOptions:
+    limit: str | None = None
+    ref: str | None = None
+    dry_run: bool = False
+    wait_lock: float = 0.0
+
+
+@dataclasses.dataclass
+class RunResult:
+    run: RunRecord
+    hosts: list[HostRecord]
+    steps: list[StepRecord]
+    exit_code: int
+    plan: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def succeeded(self) -> list[HostRecord]:
+        return [h for h in self.hosts if h.status == "success"]
+
+    @property
+    def failed(self) -> list[HostRecord]:
+        return [h for h in self.hosts if h.status != "success"]
+
+
+@dataclasses.dataclass
+class RunServices:
+    """What a run writes to besides the hosts: the recorder, a database lock, metrics, audit."""
+
+    recorder: Recorder = dataclasses.field(default_factory=NullRecorder)
+    db_lock: Callable[[str, str, Any, float], contextlib.AbstractContextManager[Any]] | None = None
+    on_run_start: Callable[[RunRecord], None] | None = None
+    on_run_end: Callable[[RunResult], None] | None = None
+    audit: Callable[[AuditEvent], None] | None = None
+    transport_factory: Callable[[Host], Any] | None = None
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def ci_job() -> str | None:
+    """Return the CI job that started this run, from the usual CI environment variables."""
+    for name in (
+        "CI_JOB_URL",
+        "GITHUB_RUN_ID",
+        "BUILD_URL",
+        "CIRCLE_BUILD_URL",
+        "BUILDKITE_BUILD_URL",
+        "CI_JOB_ID",
+    ):
+        value = os.environ.get(name)
+        if value:
+            if name == "GITHUB_RUN_ID":
+                repo = os.environ.get("GITHUB_REPOSITORY", "")
+                return f"github:{repo}/actions/runs/{value}"
+            return value
+    return None
+
+
+class FraiseRun:
+    """Deploy or roll back one fraise of one environment."""
+
+    def __init__(
+        self,
+        inventory: Inventory,
+        fraise: Fraise,
+        *,
+        task: str,
+        options: RunOptions,
+        services: RunServices,
+        interrupt: Interrupt,
+    ) -> None:
+        self.inventory = inventory
+        self.fraise = fraise
+        self.task = task
+        self.options = options
+        self.services = services
+        self.interrupt = interrupt
+        self.settings = fraise.settings
+        self.recipe: Recipe = load_recipe(
+            find_recipe(fraise, recipes_dir(inventory.project_root, inventory.settings.recipes_dir))
+        )
+        self.hosts: list[Host] = inventory.hosts_for(fraise, options.limit)
+        self.run_id = new_run_id()
+        user, controller, pid = controller_identity()
+        self.holder = Holder(
+            run_id=self.run_id,
+            user=user,
+            controller=controller,
+            pid=pid,
+            since=utc_now().isoformat(timespec="seconds"),
+            environment=inventory.environment,
+            fraise=fraise.name,
+        )
+        self.steps: list[StepRecord] = []
+
+    # --- helpers shared by deploy and rollback ---------------------------------------------
+
+    def base_variables(self, host: Host) -> dict[str, Any]:
+        return self.inventory.variables(self.fraise, host, self.recipe.vars)
+
+    def _save_step(self, step: StepRecord) -> None:
+        self.steps.append(step)
+        self.services.recorder.save_step(step)
+
+    def _audit(self, kind: str, host: str | None = None, **detail: Any) -> None:
+        event = AuditEvent(
+            run_id=self.run_id,
+            kind=kind,
+            at=utc_now(),
+            environment=self.inventory.environment,
+            fraise=self.fraise.name,
+            host=host,
+            detail=detail,
+        )
+        if self.services.audit is not None:
+            self.services.audit(event)
+        else:
+            self.services.recorder.save_event(event)
+
+    def _new_run_record(self, release_id: str | None, artifact: Artifact | None) -> RunRecord:
+        return RunRecord(
+            run_id=self.run_id,
+            environment=self.inventory.environment,
+            fraise=self.fraise.name,
+            task=self.task,
+            started_at=utc_now(),
+            release_id=release_id,
+            git_ref=artifact.ref if artifact else self.options.ref,
+            git_commit=artifact.commit if artifact else None,
+            started_by=self.holder.user,
+            controller=self.holder.controller,
+            ci_job=ci_job(),
+        )
+
+    def plan(self, release_id: str) -> list[str]:
+        """Render every command of every host and return the plan as lines of text.
+
+        Raises ConfigurationError for an undefined variable before any host is contacted.
+        """
+        deployer = self._deployer(release_id, None)
+        lines = [
+            f"fraise {self.fraise.name} ({self.fraise.type}, recipe {self.recipe.path.name}) "
+            f"to {len(self.hosts)} host(s) of {self.inventory.environment}, release {release_id}"
+        ]
+        batches = split_batches(self.hosts, self.settings.serial)
+        for number, batch in enumerate(batches, 1):
+            lines.append(f"  batch {number}: {', '.join(h.name for h in batch)}")
+        for host in self.hosts:
+            variables = deployer.variables_for(host, "<current>")
+            lines.append(f"  {host.name} ({host.address}): deploy_to {variables['deploy_to']}")
+            for step in self.recipe.steps:
+                if step.builtin:
+                    detail = f"[built-in {step.builtin}]"
+                    if step.builtin == "restart":
+                        detail += " " + render(
+                            self.recipe.restart or "", variables, where="restart"
+                        )
+                    if step.builtin == "health_check" and self.fraise.health_check:
+                        check = self.fraise.health_check
+                        detail += " " + (
+                            render_plain(check.url, variables)
+                            if check.url
+                            else render(check.command or "", variables)
+                        )
+                else:
+                    detail = render(
+                        step.run or "", variables, where=f"{self.recipe.path} step {step.name}"
+                    )
+                lines.append(f"    {step.name}: {detail}")
+        return lines
+
+    def _deployer(self, release_id: str, artifact: Artifact | None) -> HostDeployer:
+        factory = self.services.transport_factory or (
+            lambda host: open_transport(host, self.settings)
+        )
+        return HostDeployer(
+            run_id=self.run_id,
+            environment=self.inventory.environment,
+            fraise=self.fraise,
+            recipe=self.recipe,
+            settings=self.settings,
+            release_id=release_id,
+            artifact=artifact,
+            holder=self.holder,
+            transport_factory=factory,
+            save_host=self.services.recorder.save_host,
+            save_step=self._save_step,
+            audit=self._audit,
+            should_stop=self.interrupt,
+            base_variables=self.base_variables,
+        )
+
+    @contextlib.contextmanager
+    def _db_lock(self) -> Iterator[None]:
+        if self.services.db_lock is None:
+            yield
+            return
+        with self.services.db_lock(
+            self.inventory.environment, self.fraise.name, self.holder, self.options.wait_lock
+        ):
+            self._audit("lock_taken", scope="database", holder=self.holder.describe())
+            try:
+                yield
+            finally:
+                self._audit("lock_released", scope="database")
+
+    # --- deploy ---------------------------------------------------------------------------
+
+    def deploy(self, workdir: Path) -> RunResult:
+        """Deploy a new release of the fraise to its hosts."""
+        release_id = new_release_id(self.run_id)
+        plan = self.plan(release_id)
+        if self.options.dry_run:
+            return self._dry_run(plan)
+
+        artifact = prepare_artifact(
+            self.fraise.source,
+            self.options.ref,
+            workdir,
+            self.inventory.project_root / "var" / "git-cache",
+        )
+        run = self._new_run_record(release_id, artifact)
+        try:
+            with self._db_lock():
+                return self._deploy_locked(run, release_id, artifact, plan)
+        finally:
+            artifact.remove()
+
+    def _deploy_locked(
+        self, run: RunRecord, release_id: str, artifact: Artifact, plan: list[str]
+    ) -> RunResult:
+        self.services.recorder.save_run(run)
+        if self.services.on_run_start:
+            self.services.on_run_start(run)
+        self._audit(
+            "run_started", task=self.task, release=release_id, hosts=[h.name for h in self.hosts]
+        )
+        log.info(
+            "deploying release %s (%s) to %d host(s)",
+            release_id,
+            artifact.revision,
+            len(self.hosts),
+            extra={"event": "run_start"},
+        )
+
+        deployer = self._deployer(release_id, artifact)
+        hostruns = [
+            HostRun(host=h, record=HostRecord(run_id=self.run_id, host=h.name)) for h in self.hosts
+        ]
+        by_name = {hr.host.name: hr for hr in hostruns}
+        self.interrupt.describe_state = lambda: describe_hosts(hostruns)
+
+        stopped_reason: str | None = None
+        done: list[HostRun] = []
+        try:
+            for batch in split_batches(self.hosts, self.settings.serial):
+                if self.interrupt.is_set:
+                    stopped_reason = "interrupted"
+                    break
+                self._run_batch(deployer, [by_name[h.name] for h in batch])
+                done += [by_name[h.name] for h in batch]
+                failed = sum(1 for hr in done if hr.record.status != "success")
+                if self.interrupt.is_set:
+                    stopped_reason = "interrupted"
+                    break
+                if threshold_exceeded(failed, len(hostruns), self.settings.max_fail_percentage):
+                    stopped_reason = "threshold"
+                    log.error(
+                        "%d of %d host(s) failed, over max_fail_percentage %g%%: stopping the run",
+                        failed,
+                        len(hostruns),
+                        self.settings.max_fail_percentage,
+                        extra={"event": "run_stop"},
+                    )
+                    break
+            if stopped_reason:
+                self._wind_down(deployer, hostruns, stopped_reason)
+        finally:
+            for hostrun in hostruns:
+                deployer.release_lock(hostrun)
+                deployer.close(hostrun)
+        return self._finish(run, hostruns, stopped_reason)
+
+    def _run_batch(self, deployer: HostDeployer, batch: list[HostRun]) -> None:
+        from fraisier.logging import context_submit, log_context
+
+        workers = max(1, min(self.settings.forks, len(batch)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fraisier-host") as pool:
+            futures = set()
+            for hostrun in batch:
+                with log_context(host=hostrun.host.name):
+                    futures.add(context_submit(pool, deployer.deploy, hostrun))
+            # Wait in short slices so that the main thread handles SIGINT and SIGTERM at once.
+            while futures:
+                finished, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()
+
+    def _wind_down(self, deployer: HostDeployer, hostruns: list[HostRun], reason: str) -> None:
+        """Mark hosts never started as skipped and roll back switched hosts per ``on_failure``."""
+        for hostrun in hostruns:
+            if hostrun.record.status == "pending":
+                hostrun.record.status = "skipped"
+                hostrun.record.error_message = (
+                    "not started: the run stopped before this host's batch"
+                )
+                deployer.save_host(hostrun.record)
+        switched = [
+            hr for hr in hostruns if hr.switched and not hr.rolled_back and not hr.rollback_failed
+        ]
+        if not switched:
+            return
+        if self.settings.on_failure != "rollback":
+            log.warning(
+                "on_failure is 'leave': %d switched host(s) stay on the new release", len(switched)
+            )
+            return
+        rollback_reason = "interrupted" if reason == "interrupted" else "run_failed"
+        for hostrun in switched:
+            from fraisier.logging import log_context
+
+            with log_context(host=hostrun.host.name):
+                deployer.roll_back(hostrun, rollback_reason)
+                hostrun.record.ended_at = utc_now()
+                deployer.save_host(hostrun.record)
+
+    def _finish(
+        self, run: RunRecord, hostruns: list[HostRun], stopped_reason: str | None
+    ) -> RunResult:
+        records = [hr.record for hr in hostruns]
+        exit_code, status = outcome(hostruns, self.interrupt)
+        run.status = status
+        run.exit_code = exit_code
+        run.ended_at = utc_now()
+        failures = [hr for hr in hostruns if hr.error is not None]
+        if failures:
+            first = failures[0]
+            cause = getattr(first.error, "cause", first.error)
+            run.error_code = cause.code if cause else None
+            run.error_message = f"{first.host.name}: {cause.message}" if cause else None
+        elif stopped_reason == "interrupted":
+            run.error_code = "interrupted"
+            run.error_message = "interrupted before every host was deployed"
+        reasons = {hr.record.error_code for hr in hostruns if hr.rolled_back}
+        if any(hr.rolled_back for hr in hostruns):
+            from fraisier.hostrun import rollback_reason
+
+            causes = [
+                rollback_reason(getattr(hr.error, "cause", hr.error), self.settings)
+                for hr in hostruns
+                if hr.error is not None and hr.rolled_back
+            ]
+            run.rollback_reason = (
+                "interrupted"
+                if stopped_reason == "interrupted"
+                else next((c for c in causes if c), "run_failed")
+            )
+        del reasons
+        self.services.recorder.save_run(run)
+        self._audit("run_ended", status=status, exit_code=exit_code)
+        log.info(
+            "run %s: %s (exit %d)",
+            self.run_id,
+            status,
+            exit_code,
+            extra={"event": "run_end", "status": status},
+        )
+        result = RunResult(run=run, hosts=records, steps=self.steps, exit_code=exit_code)
+        if self.services.on_run_end:
+            self.services.on_run_end(result)
+        return result
+
+    def _dry_run(self, plan: list[str]) -> RunResult:
+        """Print the plan and read, but never change, each host's current release."""
+        factory = self.services.transport_factory or (
+            lambda host: open_transport(host, self.settings)
+        )
+        deployer = self._deployer("dry-run", None)
+        lines = list(plan)
+        for host in self.hosts:
+            transport = factory(host)
+            try:
+                transport.connect()
+                paths = deployer.paths_for(
+                    HostRun(
+                        host=host,
+                        record=HostRecord(self.run_id, host.name),
+                        variables=deployer.variables_for(host, None),
+                    )
+                )
+                from fraisier.release import ReleasePaths
+
+                state = ReleasePaths.parse_state(
+                    transport.run(paths.read_state_command(), timeout=30).stdout
+                )
+                lines.append(
+                    f"  {host.name}: current release {state.current or 'none'}, {len(state.releases)} release(s) on disk"
+                )
+            except FraisierError as exc:
+                lines.append(f"  {host.name}: cannot read the current release: {exc.message}")
+            finally:
+                transport.close()
+        run = self._new_run_record(None, None)
+        run.status = "dry_run"
+        run.exit_code = 0
+        return RunResult(run=run, hosts=[], steps=[], exit_code=0, plan=lines)
+
+    # --- rollback task ----------------------------------------------------------------------
+
+    def rollback(self, to_release: str | None) -> RunResult:
+        """Switch every host back to ``to_release`` or to its newest good release before current."""
+        if to_release is not None:
+            validate_release_id(to_release)
+        run = self._new_run_record(to_release, None)
+        with self._db_lock():
+            self.services.recorder.save_run(run)
+            self._audit("run_started", task="rollback", to_release=to_release)
+            deployer = self._deployer(to_release or "rollback", None)
+            hostruns = [
+                HostRun(host=h, record=HostRecord(run_id=self.run_id, host=h.name))
+                for h in self.hosts
+            ]
+            try:
+                workers = max(1, min(self.settings.forks, len(hostruns)))
+                with ThreadPoolExecutor(
+                    max_workers=workers, thread_name_prefix="fraisier-host"
+                ) as pool:
+                    for future in [
+                        pool.submit(self._rollback_host, deployer, hr, to_release)
+                        for hr in hostruns
+                    ]:
+                        future.result()
+            finally:
+                for hostrun in hostruns:
+                    deployer.release_lock(hostrun)
+                    deployer.close(hostrun)
+            return self._finish_rollback(run, hostruns)
+
+    def _rollback_host(
+        self, deployer: HostDeployer, hostrun: HostRun, to_release: str | None
+    ) -> None:
+        from fraisier.hostrun import StepError
+        from fraisier.logging import log_context
+        from fraisier.release import GOOD_STATES
+
+        with log_context(host=hostrun.host.name):
+            record = hostrun.record
+            record.started_at = utc_now()
+            record.status = "running"
+            try:
+                deployer._connect_and_lock(hostrun)
+                state = hostrun.state
+                assert state is not None
+                target = to_release or state.rollback_target()
+                if target is None:
+                    raise FraisierError(
+                        f"no earlier good release to roll back to on {hostrun.host.name} "
+                        f"(current: {state.current or 'none'})",
+                        code="nothing_to_roll_back",
+                    )
+                target_state = state.state_of(target)
+                if target_state is None:
+                    known = ", ".join(r.release_id for r in state.releases) or "none"
+                    raise FraisierError(
+                        f"release {target} not found on {hostrun.host.name}; releases there: {known}",
+                        code="release_not_found",
+                    )
+                if target_state not in GOOD_STATES:
+                    raise FraisierError(
+                        f"release {target} on {hostrun.host.name} is marked {target_state}; "
+                        "choose a release marked ready or healthy",
+                        code="release_not_good",
+                    )
+                record.new_release = target
+                record.previous_release = state.current
+                if target == state.current:
+                    record.status = "success"
+                    record.final_release = target
+                    log.info(
+                        "already on %s", target, extra={"event": "host_end", "status": "success"}
+                    )
+                    return
+                self._switch_back(hostrun, target, state.current)
+                record.status = "success"
+                record.final_release = target
+                self._audit(
+                    "rolled_back",
+                    host=hostrun.host.name,
+                    from_release=state.current,
+                    to_release=target,
+                    reason="manual",
+                )
+                log.info(
+                    "rolled back to %s", target, extra={"event": "host_end", "status": "success"}
+                )
+            except FraisierError as exc:
+                cause = exc.cause if isinstance(exc, StepError) else exc
+                hostrun.error = cause
+                record.status = "failed"
+                record.error_code = cause.code
+                record.error_message = cause.message
+                log.error(
+                    "rollback failed: %s",
+                    cause.message,
+                    extra={"event": "host_end", "status": "failed"},
+                )
+            finally:
+                record.ended_at = utc_now()
+                self.services.recorder.save_host(record)
+
+    def _switch_back(self, hostrun: HostRun, target: str, current: str | None) -> None:
+        """Point ``current`` at ``target`` and restart the service, recording one step."""
+        deployer = self._deployer(target, None)
+        hostrun.variables = deployer.variables_for(hostrun.host, current)
+        paths = deployer.paths_for(hostrun)
+        started = utc_now()
+        try:
+            deployer._checked(hostrun, _step("switch"), paths.switch_command(target), 60)
+            if deployer.recipe.restart:
+                command = render(
+                    deployer.recipe.restart,
+                    hostrun.variables,
+                    where=f"{deployer.recipe.path} restart",
+                )
+                deployer._checked(
+                    hostrun,
+                    _step("restart"),
+                    command,
+                    self.settings.command_timeout,
+                    cwd=paths.current,
+                )
+        except FraisierError as exc:
+            deployer._record_step(hostrun, _step("rollback"), started, 1, None, exc)
+            raise
+        deployer._record_step(hostrun, _step("rollback"), started, 1, None, None)
+
+    def _finish_rollback(self, run: RunRecord, hostruns: list[HostRun]) -> RunResult:
+        failed = [hr for hr in hostruns if hr.record.status != "success"]
+        run.status = "failed" if failed else "success"
+        run.exit_code = int(ExitCode.ROLLBACK_FAILED if failed else ExitCode.SUCCESS)
+        run.rollback_reason = "manual"
+        if failed:
+            run.error_code = failed[0].record.error_code
+            run.error_message = f"{failed[0].host.name}: {failed[0].record.error_message}"
+        run.ended_at = utc_now()
+        self.services.recorder.save_run(run)
+        self._audit("run_ended", status=run.status, exit_code=run.exit_code)
+        result = RunResult(
+            run=run, hosts=[hr.record for hr in hostruns], steps=self.steps, exit_code=run.exit_code
+        )
+        if self.services.on_run_end:
+            self.services.on_run_end(result)
+        return result
+
+
+def _step(name: str) -> Any:
+    from fraisier.recipes import Step
+
+    return Step(name=name, builtin=name)
+
+
+def outcome(hostruns: list[HostRun], interrupt: Interrupt) -> tuple[int, str]:
+    """Return the exit code and run status from the hosts' final states."""
+    if any(hr.rollback_failed for hr in hostruns):
+        return int(ExitCode.ROLLBACK_FAILED), "failed"
+    if interrupt.is_set:
+        return 128 + (interrupt.signal_number or 2), "interrupted"
+    if all(hr.record.status == "success" for hr in hostruns):
+        return int(ExitCode.SUCCESS), "success"
+    switched = [hr for hr in hostruns if hr.switched]
+    if switched and all(hr.rolled_back for hr in switched):
+        return int(ExitCode.DEPLOY_FAILED), "rolled_back"
+    return int(ExitCode.DEPLOY_FAILED), "failed"
+
+
+def describe_hosts(hostruns: list[HostRun]) -> str:
+    lines = []
+    for hr in hostruns:
+        if hr.switched and not hr.rolled_back:
+            where = f"switched to {hr.record.new_release} (was {hr.previous_release or 'none'})"
+        elif hr.record.status == "pending":
+            where = "not started"
+        else:
+            where = f"on {hr.previous_release or 'no release'} ({hr.record.status})"
+        lines.append(f"  {hr.host.name}: {where}")
+    return "\n".join(lines)
+
+
+def run_workdir() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="fraisier-")
+
+
+def interrupted_error(interrupt: Interrupt) -> InterruptedRunError:
+    return InterruptedRunError("run interrupted", signal_number=interrupt.signal_number or 2)

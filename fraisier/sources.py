@@ -1,0 +1,127 @@
+"""Release sources, prepared once on the controller so every host gets the same files.
+
+A local directory is packed into a gzip'd tar archive. A git repository's ref is resolved to one
+commit on the controller, and ``git archive`` packs that commit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import logging
+import os
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from fraisier.errors import ConfigurationError, ProviderError
+from fraisier.inventory import Source
+from fraisier.redact import redact
+from fraisier.validation import validate_git_ref
+
+log = logging.getLogger("fraisier.sources")
+
+
+@dataclasses.dataclass
+class Artifact:
+    archive: Path
+    revision: str  # the git commit, or "path:<sha256 of the archive>"
+    commit: str | None
+    ref: str | None
+    size: int
+
+    def remove(self) -> None:
+        self.archive.unlink(missing_ok=True)
+
+
+def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def pack_directory(source: Source, workdir: Path) -> Artifact:
+    """Pack a local directory into a tar.gz archive, skipping excluded names."""
+    root = Path(source.path or "")
+    if not root.is_dir():
+        raise ConfigurationError(
+            f"source directory {root} not found; fix 'source.path' of the fraise in the inventory"
+        )
+    handle, name = tempfile.mkstemp(prefix="fraisier-", suffix=".tar.gz", dir=workdir)
+    os.close(handle)
+    archive = Path(name)
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if any(_excluded(part, source.exclude) for part in Path(info.name).parts):
+            return None
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info
+
+    with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
+        for entry in sorted(root.iterdir()):
+            if _excluded(entry.name, source.exclude):
+                continue
+            tar.add(entry, arcname=entry.name, filter=keep)
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
+    return Artifact(archive, f"path:{digest}", None, None, archive.stat().st_size)
+
+
+def _git(args: list[str], cwd: Path | None = None, timeout: float = 300) -> str:
+    try:
+        result = subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+        )
+    except FileNotFoundError:
+        raise ConfigurationError("git is not installed on the controller; install it") from None
+    except subprocess.TimeoutExpired:
+        raise ProviderError(
+            f"git {args[0]} timed out after {timeout:g}s", code="git_timeout"
+        ) from None
+    if result.returncode != 0:
+        raise ProviderError(
+            f"git {redact(' '.join(args))} failed: {redact(result.stderr.strip())[-500:]}",
+            code="git_failed",
+        )
+    return result.stdout
+
+
+def resolve_git(source: Source, ref: str | None, cache_dir: Path) -> tuple[Path, str, str]:
+    """Mirror the repository into ``cache_dir`` and resolve ``ref`` to one commit."""
+    ref = validate_git_ref(ref or source.ref)
+    repo = source.repo or ""
+    mirror = cache_dir / hashlib.sha256(repo.encode()).hexdigest()[:16]
+    if (mirror / "HEAD").exists():
+        _git(["fetch", "--prune", "--quiet", "origin", "+refs/*:refs/*"], cwd=mirror)
+    else:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _git(["clone", "--mirror", "--quiet", "--", repo, str(mirror)])
+    commit = _git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=mirror).strip()
+    return mirror, ref, commit
+
+
+def pack_git(source: Source, ref: str | None, workdir: Path, cache_dir: Path) -> Artifact:
+    """Resolve the ref once and pack that commit with ``git archive``."""
+    mirror, resolved_ref, commit = resolve_git(source, ref, cache_dir)
+    handle, name = tempfile.mkstemp(prefix="fraisier-", suffix=".tar.gz", dir=workdir)
+    os.close(handle)
+    archive = Path(name)
+    _git(["archive", "--format=tar.gz", f"--output={archive}", commit], cwd=mirror)
+    log.info("resolved %s to commit %s", resolved_ref, commit)
+    return Artifact(archive, commit, commit, resolved_ref, archive.stat().st_size)
+
+
+def prepare_artifact(source: Source, ref: str | None, workdir: Path, cache_dir: Path) -> Artifact:
+    """Build the archive that every host of the run receives."""
+    if source.kind == "git":
+        return pack_git(source, ref, workdir, cache_dir)
+    if ref:
+        raise ConfigurationError(
+            "--ref applies to git sources only; this fraise's source is a directory"
+        )
+    return pack_directory(source, workdir)

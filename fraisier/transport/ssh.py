@@ -1,0 +1,278 @@
+"""SSH transport: one Fabric connection per host and one long-lived ``sh`` channel for its steps.
+
+Opening an exec channel per command costs a full session setup on the server (tens of
+milliseconds); a command sent to a shell that stays open costs one round trip. Each command runs
+in its own process group under ``setsid``, with stdin closed, so that:
+
+* stdout and stderr stay separate (the channel has no pty);
+* the exit status is exact: the shell prints it after a random end marker;
+* a command that times out is killed on the host by its process group, over a fresh exec channel,
+  and the shell channel is closed and replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import select
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import paramiko
+
+from fraisier.errors import (
+    ConnectionLostError,
+    DeploymentTimeoutError,
+    FraisierError,
+    translate_exception,
+)
+from fraisier.transport.base import CommandResult, Transport, wrap_command
+from fraisier.transport.hostkeys import AcceptNewHostKey, RejectUnknownHostKey, default_known_hosts
+from fraisier.validation import quote
+
+log = logging.getLogger("fraisier.ssh")
+
+KILL_TIMEOUT = 5.0
+_PID_LINE = re.compile(rb"(?P<token>[0-9a-f]{32}):pid:(?P<pid>\d+)\n")
+
+
+class SSHTransport(Transport):
+    """Runs commands over one long-lived shell channel on an SSH connection."""
+
+    def __init__(self, host, settings) -> None:
+        self.host = host
+        self.name = host.name
+        self.settings = settings
+        self.connection = None
+        self._shell: paramiko.Channel | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def _context(self) -> dict[str, str]:
+        return {"host": self.name}
+
+    def connect(self) -> None:
+        from fabric import Connection
+
+        known_hosts = Path(self.settings.known_hosts or default_known_hosts()).expanduser()
+        client = paramiko.SSHClient()
+        if known_hosts.is_file():
+            client.load_host_keys(str(known_hosts))
+        policy_class = (
+            AcceptNewHostKey
+            if self.settings.host_key_checking == "accept-new"
+            else RejectUnknownHostKey
+        )
+        client.set_missing_host_key_policy(policy_class(known_hosts, self.name))
+
+        connect_kwargs: dict[str, object] = {
+            "banner_timeout": self.settings.connect_timeout,
+            "auth_timeout": self.settings.connect_timeout,
+        }
+        if self.host.identity_file:
+            connect_kwargs["key_filename"] = [self.host.identity_file]
+        connection = Connection(
+            host=self.host.address,
+            user=self.host.user,
+            port=self.host.port,
+            connect_timeout=self.settings.connect_timeout,
+            connect_kwargs=connect_kwargs,
+        )
+        connection.client = client
+        try:
+            connection.open()
+        except FraisierError as exc:
+            client.close()
+            raise exc.with_context(**self._context) from None
+        except Exception as exc:
+            client.close()
+            raise translate_exception(exc, **self._context) from exc
+        transport = connection.transport
+        if self.settings.keepalive:
+            transport.set_keepalive(int(self.settings.keepalive))
+        sock = transport.sock
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.connection = connection
+
+    def _open_shell(self, timeout: float) -> paramiko.Channel:
+        if self._shell is not None and not self._shell.closed:
+            return self._shell
+        try:
+            channel = self.connection.transport.open_session(timeout=timeout)
+            channel.exec_command("exec /bin/sh")
+        except Exception as exc:
+            raise translate_exception(exc, **self._context) from exc
+        self._shell = channel
+        return channel
+
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        sudo: bool | str = False,
+    ) -> CommandResult:
+        if self.connection is None:
+            self.connect()
+        line = wrap_command(command, cwd=cwd, env=env, sudo=sudo)
+        token = secrets.token_hex(16)
+        script = (
+            f"setsid {line} </dev/null & __fr_pid=$!\n"
+            f"printf '{token}:pid:%d\\n' \"$__fr_pid\" >&2\n"
+            f'wait "$__fr_pid"; __fr_rc=$?\n'
+            f"printf '{token}:rc:%d\\n' \"$__fr_rc\"; printf '{token}:end\\n' >&2\n"
+        )
+        with self._lock:
+            started = time.monotonic()
+            deadline = started + timeout
+            channel = self._open_shell(min(timeout, self.settings.connect_timeout))
+            try:
+                channel.sendall(script.encode())
+                stdout, stderr, exit_status, _ = self._read_until_end(channel, token, deadline)
+            except DeploymentTimeoutError as exc:
+                self._abandon_shell()
+                self._kill_remote(exc.context.pop("_pid", None))
+                raise DeploymentTimeoutError(
+                    f"command timed out after {timeout:g}s on {self.name}"
+                    + ("" if exc.context.get("killed") is False else " and was killed"),
+                    context=self._context,
+                ) from None
+            except FraisierError:
+                self._abandon_shell()
+                raise
+            except Exception as exc:
+                self._abandon_shell()
+                raise translate_exception(exc, **self._context) from exc
+        return CommandResult(
+            command=command,
+            exit_status=exit_status,
+            stdout=stdout.decode("utf-8", "replace"),
+            stderr=stderr.decode("utf-8", "replace"),
+            duration=time.monotonic() - started,
+        )
+
+    def _read_until_end(
+        self, channel: paramiko.Channel, token: str, deadline: float
+    ) -> tuple[bytes, bytes, int, int | None]:
+        rc_marker = f"{token}:rc:".encode()
+        end_marker = f"{token}:end\n".encode()
+        stdout = bytearray()
+        stderr = bytearray()
+        pid: int | None = None
+        exit_status: int | None = None
+        stdout_done = stderr_done = False
+        while not (stdout_done and stderr_done):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                error = DeploymentTimeoutError("timed out", context={})
+                error.context["_pid"] = pid if pid is not None else _find_pid(stderr, token)
+                raise error
+            if not (channel.recv_ready() or channel.recv_stderr_ready()):
+                if channel.exit_status_ready() or channel.closed:
+                    raise ConnectionLostError(
+                        f"the shell channel on {self.name} closed while a command was running",
+                        code="channel_closed",
+                        context=self._context,
+                    )
+                select.select([channel], [], [], min(remaining, 1.0))
+            while channel.recv_ready():
+                data = channel.recv(65536)
+                if not data:
+                    break
+                stdout += data
+            while channel.recv_stderr_ready():
+                stderr += channel.recv_stderr(65536)
+            if not stdout_done:
+                at = stdout.find(rc_marker)
+                newline = stdout.find(b"\n", at) if at >= 0 else -1
+                if newline >= 0:
+                    exit_status = int(stdout[at + len(rc_marker) : newline])
+                    del stdout[at:]
+                    stdout_done = True
+            if not stderr_done:
+                at = stderr.find(end_marker)
+                if at >= 0:
+                    del stderr[at:]
+                    stderr_done = True
+        pid = _find_pid(stderr, token)
+        cleaned = _PID_LINE.sub(
+            lambda m: b"" if m["token"] == token.encode() else m[0], bytes(stderr)
+        )
+        assert exit_status is not None
+        return bytes(stdout), cleaned, exit_status, pid
+
+    def _abandon_shell(self) -> None:
+        shell, self._shell = self._shell, None
+        if shell is not None:
+            try:
+                shell.close()
+            except Exception:
+                log.debug("closing the shell channel on %s failed", self.name, exc_info=True)
+
+    def _kill_remote(self, pid: int | None) -> None:
+        """Kill a timed-out command's process group over a fresh exec channel, if the host answers."""
+        if pid is None or self.connection is None:
+            return
+        command = (
+            f"kill -TERM -- -{pid} 2>/dev/null; sleep 1; kill -KILL -- -{pid} 2>/dev/null; true"
+        )
+        try:
+            channel = self.connection.transport.open_session(timeout=KILL_TIMEOUT)
+            try:
+                channel.settimeout(KILL_TIMEOUT)
+                channel.exec_command(command)
+                channel.recv_exit_status()
+            finally:
+                channel.close()
+            log.info("killed process group %s of a timed-out command on %s", pid, self.name)
+        except Exception as exc:
+            log.warning(
+                "could not kill process group %s on %s after a timeout: %s", pid, self.name, exc
+            )
+
+    def put(self, local_path: Path, remote_path: str, *, timeout: float) -> None:
+        if self.connection is None:
+            self.connect()
+        try:
+            sftp = self.connection.client.open_sftp()
+            try:
+                sftp.get_channel().settimeout(timeout)
+                sftp.put(str(local_path), remote_path)
+            finally:
+                sftp.close()
+        except FraisierError:
+            raise
+        except Exception as exc:
+            error = translate_exception(exc, **self._context)
+            if isinstance(exc, (OSError, IOError)) and not isinstance(exc, socket.error):
+                error.message = (
+                    f"upload of {local_path.name} to {self.name}:{remote_path} failed: {exc}"
+                )
+            raise error from exc
+
+    def close(self) -> None:
+        self._abandon_shell()
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                log.debug("closing the connection to %s failed", self.name, exc_info=True)
+
+
+def _find_pid(stderr: bytes | bytearray, token: str) -> int | None:
+    for match in _PID_LINE.finditer(bytes(stderr)):
+        if match["token"] == token.encode():
+            return int(match["pid"])
+    return None
+
+
+def remote_quote(value: str) -> str:
+    return quote(value)
