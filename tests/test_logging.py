@@ -224,7 +224,7 @@ def test_context_submit_reaches_threads() -> None:
         return threading.current_thread().name
 
     with flog.log_context(run_id="r-3", fraise="api"), ThreadPoolExecutor(2) as pool:
-        futures = [flog.context_submit(pool, work, h) for h in ("web1", "web2", "web3")]
+        futures = [flog.context_submit(pool, work, host) for host in ("web1", "web2", "web3")]
         thread_names = {f.result() for f in futures}
 
     lines = json_lines(stream)
