@@ -148,7 +148,9 @@ class HostDeployer:
                 self._run_step(hostrun, step)
                 hostrun.completed.append(step)
             record.status = "success"
-            record.final_release = self.release_id
+            record.final_release = (
+                self.release_id if self.recipe.makes_release else hostrun.previous_release
+            )
         except FraisierError as exc:
             hostrun.error = exc
             self._after_failure(hostrun, exc)
@@ -291,8 +293,9 @@ class HostDeployer:
         return step.timeout if step.timeout is not None else self.settings.command_timeout
 
     def _cwd(self, step: Step, paths: ReleasePaths) -> str:
+        release = paths.release(self.release_id) if self.recipe.makes_release else paths.deploy_to
         named = {
-            "release": paths.release(self.release_id),
+            "release": release,
             "current": paths.current,
             "deploy_to": paths.deploy_to,
             "shared": paths.shared,
@@ -472,7 +475,8 @@ class HostDeployer:
             record.status = "failed"
         if not hostrun.switched:
             # A release that never went live is marked failed so it is never a rollback target.
-            self._mark(hostrun, self.release_id, "failed")
+            if self.recipe.makes_release:
+                self._mark(hostrun, self.release_id, "failed")
             record.final_release = hostrun.previous_release
             return
         record.final_release = self.release_id

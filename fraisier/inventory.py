@@ -296,7 +296,7 @@ class Fraise:
     recipe: str
     hosts: tuple[str, ...]
     deploy_to: str
-    source: Source
+    source: Source | None
     health_check: HealthCheck | None
     shared: tuple[str, ...]
     keep_releases: int
@@ -687,7 +687,7 @@ def _check_shared(section: _Section, item: str) -> str:
     return item
 
 
-def _read_source(section: _Section, path: Path) -> Source:
+def _read_source(section: _Section, path: Path) -> Source | None:
     s = section.section("source", ("path", "git", "ref", "exclude"))
     if "git" in s.data and "path" in s.data:
         raise ConfigurationError(f"{path}: '{s.key}' has both 'git' and 'path'; keep one")
@@ -699,6 +699,8 @@ def _read_source(section: _Section, path: Path) -> Source:
             raise ConfigurationError(f"{path}: '{s.at('ref')}': {exc.message}") from None
         return Source(kind="git", repo=s.str("git"), ref=ref)
     local = s.str("path")
+    if not s.data:
+        return None
     if not local:
         raise ConfigurationError(
             f"{path}: '{s.key}' is missing; set 'source: {{path: DIR}}' for a local directory or "

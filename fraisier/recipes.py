@@ -56,8 +56,9 @@ class Recipe:
     raw: dict[str, Any]
 
     @property
-    def switch_position(self) -> int:
-        return next(i for i, s in enumerate(self.steps) if s.builtin == "switch")
+    def makes_release(self) -> bool:
+        """Whether the recipe fetches and switches a release, or only runs commands."""
+        return any(s.builtin == "fetch" for s in self.steps)
 
 
 def recipes_dir(project_root: Path, setting: str | None) -> Path:
@@ -187,6 +188,15 @@ def _check_order(path: Path, steps: list[Step]) -> None:
             f"{path}: step names must be unique; repeated: {', '.join(duplicates)}"
         )
     builtins = [s.builtin for s in steps if s.builtin]
+    if "fetch" not in builtins and "switch" not in builtins:
+        # A recipe without a release: plain commands run in deploy_to, such as maintenance jobs.
+        for name in ("link_shared", "restart", "health_check", "cleanup"):
+            if name in builtins:
+                raise ConfigurationError(
+                    f"{path}: built-in step '{name}' needs a release; add 'builtin: fetch' and "
+                    "'builtin: switch' or remove it"
+                )
+        return
     for required in ("fetch", "switch"):
         if builtins.count(required) != 1:
             raise ConfigurationError(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fraisier.batches import split_batches, threshold_exceeded
-from fraisier.errors import ExitCode, FraisierError, InterruptedRunError
+from fraisier.errors import ConfigurationError, ExitCode, FraisierError, InterruptedRunError
 from fraisier.hostlock import Holder, controller_identity
 from fraisier.hostrun import HostDeployer, HostRun
 from fraisier.interrupt import Interrupt
@@ -283,21 +283,34 @@ class FraiseRun:
         if self.options.dry_run:
             return self._dry_run(plan)
 
-        artifact = prepare_artifact(
-            self.fraise.source,
-            self.options.ref,
-            workdir,
-            self.inventory.project_root / "var" / "git-cache",
-        )
+        artifact = self._prepare_artifact(workdir)
         run = self._new_run_record(release_id, artifact)
         try:
             with self._db_lock():
                 return self._deploy_locked(run, release_id, artifact, plan)
         finally:
-            artifact.remove()
+            if artifact is not None:
+                artifact.remove()
+
+    def _prepare_artifact(self, workdir: Path) -> Artifact | None:
+        """Pack the release archive once on the controller, for recipes that make a release."""
+        if not self.recipe.makes_release:
+            return None
+        if self.fraise.source is None:
+            raise ConfigurationError(
+                f"{self.inventory.path}: fraise '{self.fraise.name}' has no 'source', but its "
+                f"recipe {self.recipe.path} fetches a release; add 'source: {{path: DIR}}' or "
+                "'source: {git: REPO, ref: REF}'"
+            )
+        return prepare_artifact(
+            self.fraise.source,
+            self.options.ref,
+            workdir,
+            self.inventory.project_root / "var" / "git-cache",
+        )
 
     def _deploy_locked(
-        self, run: RunRecord, release_id: str, artifact: Artifact, plan: list[str]
+        self, run: RunRecord, release_id: str, artifact: Artifact | None, plan: list[str]
     ) -> RunResult:
         self.services.recorder.save_run(run)
         if self.services.on_run_start:
@@ -308,7 +321,7 @@ class FraiseRun:
         log.info(
             "deploying release %s (%s) to %d host(s)",
             release_id,
-            artifact.revision,
+            artifact.revision if artifact else "no source",
             len(self.hosts),
             extra={"event": "run_start"},
         )
