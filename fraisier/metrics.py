@@ -540,7 +540,12 @@ def _push(
         log.debug("pushed %s metrics to %s for %s/%s", what, shown_url, environment, fraise)
         return None
 
-    message = str(redact(f"{what} push to {shown_url} for {environment}/{fraise} failed: {error}"))
+    message = str(
+        redact(
+            f"{what} push to {shown_url} for {environment}/{fraise} failed after "
+            f"{attempt + 1} attempt(s): {error}"
+        )
+    )
     log.warning("%s", message)
     return message
 

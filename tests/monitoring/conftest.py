@@ -1,0 +1,190 @@
+"""Fixtures of the monitoring tests: a real SQLite run store, recorded runs and gateway doubles.
+
+The Pushgateway and Prometheus fixtures come from tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import http.server
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fraisier.db.base import RunStats, RunStore
+from fraisier.db.sqlite import SQLiteRunStore
+from fraisier.db.url import parse_database_url
+from fraisier.records import HostRecord, RunRecord, StepRecord
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MONITORING_DIR = REPO_ROOT / "monitoring"
+
+# Steps of the test recipe, with their duration in seconds on the first host; the second host
+# takes one second longer for each step.
+RECIPE_STEPS = (("upload", 2.0), ("build", 5.0), ("switch", 0.5), ("health_check", 1.5))
+
+
+@dataclasses.dataclass
+class RecordedRun:
+    """A run saved in the store, with the arguments push_run_metrics needs."""
+
+    run: RunRecord
+    hosts: list[HostRecord]
+    steps: list[StepRecord]
+    stats: RunStats
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[RunStore]:
+    """Open a migrated SQLite run store in ``tmp_path``; close it at teardown."""
+    run_store = SQLiteRunStore(parse_database_url(f"sqlite:///{tmp_path / 'runs.sqlite'}"))
+    run_store.migrate()
+    yield run_store
+    run_store.close()
+
+
+@pytest.fixture
+def record_run(store: RunStore) -> Callable[..., RecordedRun]:
+    """Provide ``record_run(status, environment="prod", fraise="api", ...)``.
+
+    It saves a deploy run that ended with ``status`` on two hosts, ``web1`` and ``web2``, with
+    the steps of ``RECIPE_STEPS``, and returns the records with ``store.run_stats`` read after
+    the save. Each call starts one hour after the previous one.
+    """
+    counter = itertools.count(1)
+    base = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.timezone.utc)
+
+    def record(
+        status: str,
+        environment: str = "prod",
+        fraise: str = "api",
+        duration: float = 40.0,
+        error_code: str | None = None,
+        rollback_reason: str | None = None,
+        task: str = "deploy",
+    ) -> RecordedRun:
+        number = next(counter)
+        started = base + dt.timedelta(hours=number)
+        ended = started + dt.timedelta(seconds=duration)
+        run_id = f"run-{environment}-{fraise}-{number}"
+        run = RunRecord(
+            run_id=run_id,
+            environment=environment,
+            fraise=fraise,
+            task=task,
+            started_at=started,
+            status=status,
+            release_id=f"r{number}",
+            ended_at=ended,
+            error_code=error_code,
+            rollback_reason=rollback_reason,
+        )
+        second_host_status = {"success": "success", "rolled_back": "rolled_back"}.get(
+            status, "failed"
+        )
+        hosts = [
+            HostRecord(run_id, "web1", status="rolled_back" if status == "rolled_back" else
+                       "success", started_at=started, ended_at=ended),
+            HostRecord(run_id, "web2", status=second_host_status, started_at=started,
+                       ended_at=ended, error_code=error_code),
+        ]  # fmt: skip
+        steps = []
+        for index, host in enumerate(("web1", "web2")):
+            at = started
+            for position, (name, seconds) in enumerate(RECIPE_STEPS, start=1):
+                end = at + dt.timedelta(seconds=seconds + index)
+                steps.append(StepRecord(run_id, host, position, name, "success", at, end))
+                at = end
+        store.save_run(run)
+        for host in hosts:
+            store.save_host(host)
+        for step in steps:
+            store.save_step(step)
+        stats = store.run_stats(environment, fraise)
+        return RecordedRun(run, hosts, steps, stats)
+
+    return record
+
+
+def parse_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Parse text-format metrics into (sample name, labels, value) tuples."""
+    samples = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.append((sample.name, dict(sample.labels), float(sample.value)))
+    return samples
+
+
+def sample_value(
+    samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str
+) -> float | None:
+    """Return the value of the one sample named ``name`` whose labels include ``labels``."""
+    found = [
+        value
+        for sample_name, sample_labels, value in samples
+        if sample_name == name and all(sample_labels.get(k) == v for k, v in labels.items())
+    ]
+    if len(found) > 1:
+        raise AssertionError(f"{len(found)} samples of {name} match {labels}; expected one")
+    return found[0] if found else None
+
+
+class _StatusHandler(http.server.BaseHTTPRequestHandler):
+    status = 400
+    body = b"pushed metrics are invalid or inconsistent with existing metrics"
+    requests: list[dict[str, str]]
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        self.requests.append(
+            {
+                "method": self.command,
+                "path": self.path,
+                "authorization": self.headers.get("Authorization", ""),
+            }
+        )
+        self.send_response(self.status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_POST = do_PUT = do_GET = do_DELETE = _answer  # noqa: N815
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        return
+
+
+@dataclasses.dataclass
+class StatusServer:
+    """A loopback HTTP server that answers every request with one status and body."""
+
+    url: str
+    requests: list[dict[str, str]]
+
+
+@pytest.fixture
+def status_server() -> Iterator[Callable[[int, bytes], StatusServer]]:
+    """Provide ``start(status, body)``: a server on 127.0.0.1 answering every request so."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(status: int, body: bytes) -> StatusServer:
+        requests: list[dict[str, str]] = []
+        handler = type(
+            "Handler", (_StatusHandler,), {"status": status, "body": body, "requests": requests}
+        )
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return StatusServer(f"http://127.0.0.1:{server.server_address[1]}", requests)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
