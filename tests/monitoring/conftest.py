@@ -155,9 +155,9 @@ class _StatusHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(self.body)
 
-    do_POST = do_PUT = do_GET = do_DELETE = _answer  # noqa: N815
+    do_POST = do_PUT = do_GET = do_DELETE = _answer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         return
 
 
