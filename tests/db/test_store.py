@@ -25,7 +25,7 @@ from fraisier.records import AuditEvent, HostRecord, RunRecord, StepRecord
 pytestmark = pytest.mark.database
 
 HOSTILE_STRINGS = [
-    "it's \"quoted\" `back` \\slash\\",
+    'it\'s "quoted" `back` \\slash\\',
     "'; DROP TABLE runs; --",
     "%s %(name)s %% ? ?? :name $1",
     "emoji 🍓🚀👩‍💻 and CJK 部署失败 デプロイ 배포",
