@@ -29,6 +29,7 @@ from pythonjsonlogger.json import JsonFormatter as _BaseJsonFormatter
 
 from fraisier.errors import ConfigurationError
 from fraisier.redact import redact
+from fraisier.tracing import current_trace_ids
 
 ROOT_LOGGER = "fraisier"
 CONTEXT_FIELDS = ("run_id", "environment", "fraise", "host", "step", "attempt", "duration")
@@ -137,11 +138,15 @@ def context_submit(
 class ContextFilter(logging.Filter):
     """Filter that copies the run context fields into each record it receives.
 
-    Fields passed explicitly with ``extra`` win over the context.
+    When tracing is on and a span is current, ``trace_id`` and ``span_id`` are added too,
+    so log lines can be joined with traces. Fields passed with ``extra`` win over both.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in _context.get().items():
+            if key not in record.__dict__:
+                setattr(record, key, value)
+        for key, value in current_trace_ids().items():
             if key not in record.__dict__:
                 setattr(record, key, value)
         return True

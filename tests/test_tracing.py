@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import http.server
+import io
+import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -17,7 +20,7 @@ from opentelemetry.trace import StatusCode
 
 from fraisier import tracing
 from fraisier.errors import HealthCheckError
-from fraisier.logging import context_submit
+from fraisier.logging import configure_logging, context_submit, reset_logging
 from fraisier.redact import default_redactor, register_secret
 
 PLANTED_SECRET = "planted-Trace-5093"
@@ -283,3 +286,21 @@ def test_traces_url(endpoint: str, expected: str) -> None:
 def test_traces_url_signal_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(tracing.ENV_TRACES_ENDPOINT, "http://127.0.0.1:4318/custom")
     assert tracing.traces_url("http://127.0.0.1:1") == "http://127.0.0.1:4318/custom"
+
+
+def test_log_lines_carry_trace_ids(exporter: InMemorySpanExporter) -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", fmt="json", stream=stream)
+    try:
+        logger = logging.getLogger("fraisier.engine.trace")
+        logger.info("before any span")
+        with tracing.run_span("r-10", "prod", "api") as run:
+            logger.info("inside the run span")
+            expected = run.get_span_context()
+    finally:
+        reset_logging()
+
+    outside, inside = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert "trace_id" not in outside
+    assert inside["trace_id"] == f"{expected.trace_id:032x}"
+    assert inside["span_id"] == f"{expected.span_id:016x}"
