@@ -17,8 +17,8 @@ from typing import Any
 
 from fraisier.errors import ConfigurationError, ExitCode, FraisierError
 from fraisier.interrupt import Interrupt
-from fraisier.logging import log_context
 from fraisier.inventory import Inventory, find_inventory, load_inventory
+from fraisier.logging import log_context
 from fraisier.runner import FraiseRun, RunOptions, RunResult, RunServices, run_workdir
 
 log = logging.getLogger("fraisier.app")
@@ -134,12 +134,25 @@ def backends(inventory: Inventory) -> Iterator[Backends]:
             result.run.push_error = error
             recorder.save_run(result.run)
 
+    def previous_config(environment: str, fraise: str) -> dict[str, Any] | None:
+        try:
+            store = store_factory()
+            for run in store.list_runs(environment, fraise, limit=10):
+                detail = store.get_run(run.run_id)
+                for event in detail.events if detail else []:
+                    if event.kind == "run_started" and isinstance(event.detail.get("config"), dict):
+                        return event.detail["config"]
+        except FraisierError as exc:
+            log.warning("cannot read the previous configuration: %s", exc.message)
+        return None
+
     services = RunServices(
         recorder=recorder,
         db_lock=db_lock,
         on_run_start=on_run_start,
         on_run_end=on_run_end,
-        audit=auditor.record if hasattr(auditor, "record") else None,
+        audit=audit_adapter(auditor),
+        previous_config=previous_config,
     )
     try:
         yield Backends(
@@ -149,6 +162,57 @@ def backends(inventory: Inventory) -> Iterator[Backends]:
         if state["store"] is not None:
             with contextlib.suppress(Exception):
                 state["store"].close()
+
+
+def audit_adapter(auditor: Any) -> Any:
+    """Return a function that sends the runner's audit events to ``auditor``."""
+
+    def handle(event: Any) -> None:
+        detail = dict(event.detail)
+        where = f"{event.environment}/{event.fraise}"
+        if event.kind == "switched":
+            auditor.switched(
+                event.run_id, event.host, detail.get("from_release"), detail["to_release"]
+            )
+        elif event.kind == "rolled_back":
+            auditor.rolled_back(
+                event.run_id,
+                event.host,
+                detail.get("from_release"),
+                detail.get("to_release"),
+                detail.get("reason", "unknown"),
+            )
+        elif event.kind == "lock_taken":
+            auditor.lock_taken(
+                event.run_id, f"{where} ({detail.get('scope')})", detail.get("holder")
+            )
+        elif event.kind == "lock_released":
+            auditor.lock_released(event.run_id, f"{where} ({detail.get('scope')})")
+        elif event.kind == "config_changed":
+            auditor.config_changed(
+                event.run_id,
+                event.environment,
+                event.fraise,
+                detail.get("previous"),
+                detail["current"],
+            )
+        else:
+            summary = ", ".join(
+                f"{k}={v}"
+                for k, v in detail.items()
+                if k not in ("config", "hosts") and v is not None
+            )
+            auditor.record(
+                event.kind,
+                event.run_id,
+                f"{event.kind.replace('_', ' ')} {where}: {summary}",
+                environment=event.environment,
+                fraise=event.fraise,
+                host=event.host,
+                detail=detail,
+            )
+
+    return handle
 
 
 def prepare_schema(store: Any) -> None:

@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Protocol
 
+from fraisier.audit import config_digest
 from fraisier.batches import split_batches, threshold_exceeded
 from fraisier.errors import ConfigurationError, ExitCode, FraisierError, InterruptedRunError
 from fraisier.hostlock import Holder, controller_identity
@@ -101,6 +102,7 @@ class RunServices:
     on_run_end: Callable[[RunResult], None] | None = None
     audit: Callable[[AuditEvent], None] | None = None
     transport_factory: Callable[[Host], Any] | None = None
+    previous_config: Callable[[str, str], dict[str, Any] | None] | None = None
 
 
 def new_run_id() -> str:
@@ -201,6 +203,21 @@ class FraiseRun:
             controller=self.holder.controller,
             ci_job=ci_job(),
         )
+
+    def config_snapshot(self) -> dict[str, Any]:
+        """Return the inventory parts and recipe this run uses, secrets redacted."""
+        from fraisier.audit import config_snapshot
+
+        raw = self.inventory.raw
+        names = {h.name for h in self.hosts}
+        inventory_part = {
+            "settings": raw.get("settings") or {},
+            "vars": raw.get("vars") or {},
+            "hosts": {k: v for k, v in (raw.get("hosts") or {}).items() if k in names},
+            "groups": raw.get("groups") or {},
+            "fraise": (raw.get("fraises") or {}).get(self.fraise.name) or {},
+        }
+        return config_snapshot(inventory_part, self.recipe.raw)
 
     def plan(self, release_id: str) -> list[str]:
         """Render every command of every host and return the plan as lines of text.
@@ -312,12 +329,29 @@ class FraiseRun:
     def _deploy_locked(
         self, run: RunRecord, release_id: str, artifact: Artifact | None, plan: list[str]
     ) -> RunResult:
+        snapshot = self.config_snapshot()
+        previous = None
+        if self.services.previous_config is not None:
+            previous = self.services.previous_config(self.inventory.environment, self.fraise.name)
+        run.config_digest = config_digest(snapshot)
         self.services.recorder.save_run(run)
         if self.services.on_run_start:
             self.services.on_run_start(run)
         self._audit(
-            "run_started", task=self.task, release=release_id, hosts=[h.name for h in self.hosts]
+            "run_started",
+            task=self.task,
+            release_id=release_id,
+            git_ref=run.git_ref,
+            git_commit=run.git_commit,
+            started_by=run.started_by,
+            controller=run.controller,
+            ci_job=run.ci_job,
+            hosts=[h.name for h in self.hosts],
+            config_digest=run.config_digest,
+            config=snapshot,
         )
+        if previous is None or config_digest(previous) != run.config_digest:
+            self._audit("config_changed", previous=previous, current=snapshot)
         log.info(
             "deploying release %s (%s) to %d host(s)",
             release_id,
