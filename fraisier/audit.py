@@ -56,14 +56,13 @@ class Auditor:
         self.logger = logger or logging.getLogger("fraisier.audit")
         self.strict = strict
         self.failed_saves = 0
-        # Environment and fraise of each started run, so that host events carry them too.
+        # Environment and fraise of each run, so that host and lock events carry them too.
         self._runs: dict[str, tuple[str | None, str | None]] = {}
 
     # Run ---------------------------------------------------------------------------------
 
     def run_started(self, run: RunRecord) -> AuditEvent:
         """Record the start of ``run`` with who started it, from where and for which ref."""
-        self._runs[run.run_id] = (run.environment, run.fraise)
         detail = {
             "task": run.task,
             "release_id": run.release_id,
@@ -77,11 +76,17 @@ class Auditor:
         message = f"run {run.run_id} started: {run.task} {run.environment}/{run.fraise}"
         if run.started_by:
             message += f" by {run.started_by}"
-        return self.record("run_started", run.run_id, message, detail=detail)
+        return self.record(
+            "run_started",
+            run.run_id,
+            message,
+            environment=run.environment,
+            fraise=run.fraise,
+            detail=detail,
+        )
 
     def run_ended(self, run: RunRecord) -> AuditEvent:
         """Record the end of ``run`` with its status, exit code and error."""
-        self._runs.setdefault(run.run_id, (run.environment, run.fraise))
         duration = None
         if run.ended_at is not None:
             duration = round((run.ended_at - run.started_at).total_seconds(), 3)
@@ -96,9 +101,14 @@ class Auditor:
             "duration": duration,
         }
         message = f"run {run.run_id} ended: {run.status}"
-        event = self.record("run_ended", run.run_id, message, detail=detail)
-        self._runs.pop(run.run_id, None)
-        return event
+        return self.record(
+            "run_ended",
+            run.run_id,
+            message,
+            environment=run.environment,
+            fraise=run.fraise,
+            detail=detail,
+        )
 
     # Host ----------------------------------------------------------------------------------
 
@@ -200,16 +210,26 @@ class Auditor:
         host: str | None = None,
         detail: Mapping[str, Any] | None = None,
     ) -> AuditEvent:
-        """Redact one audit event, log it and save it with the recorder; return the event."""
+        """Redact one audit event, log it and save it with the recorder; return the event.
+
+        Events without an environment or fraise take those of the last event of the same
+        run that had them, until ``run_ended``.
+        """
         if kind not in AUDIT_KINDS:
             raise ValueError(f"invalid audit kind {kind!r}; use one of {', '.join(AUDIT_KINDS)}")
         known_environment, known_fraise = self._runs.get(run_id, (None, None))
+        environment = environment or known_environment
+        fraise = fraise or known_fraise
+        if kind == "run_ended":
+            self._runs.pop(run_id, None)
+        elif environment or fraise:
+            self._runs[run_id] = (environment, fraise)
         event = AuditEvent(
             run_id=run_id,
             kind=kind,
             at=utc_now(),
-            environment=environment or known_environment,
-            fraise=fraise or known_fraise,
+            environment=environment,
+            fraise=fraise,
             host=host,
             detail=_json_safe(dict(detail or {})),
         )

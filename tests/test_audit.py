@@ -341,3 +341,17 @@ def test_custom_logger_receives_events(caplog: pytest.LogCaptureFixture) -> None
     (record,) = caplog.records
     assert record.audit_kind == "lock_taken"
     assert record.audit_detail == {"scope": "prod/api", "holder": "alice@ctl1"}
+
+
+def test_generic_record_remembers_run() -> None:
+    auditor = Auditor(None)
+    auditor.record("run_started", "r-9", "run started", environment="staging", fraise="etl")
+
+    switched = auditor.switched("r-9", "web1", None, "rel-9")
+    ended = auditor.record("run_ended", "r-9", "run ended")
+    after_end = auditor.lock_released("r-9", "staging/etl")
+
+    assert switched.environment == "staging"
+    assert switched.fraise == "etl"
+    assert ended.environment == "staging"
+    assert after_end.environment is None
