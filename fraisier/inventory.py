@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import ipaddress
 import logging
 import os
@@ -87,7 +88,9 @@ def load_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigurationError(f"{path}: cannot read: {exc}") from None
     try:
-        return yaml.load(text, Loader=_InventoryLoader)
+        stream = io.StringIO(text)
+        stream.name = str(path)  # PyYAML names the file in marks and errors from this attribute
+        return yaml.load(stream, Loader=_InventoryLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

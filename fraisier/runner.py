@@ -253,6 +253,7 @@ class FraiseRun:
                     detail = render(
                         step.run or "", variables, where=f"{self.recipe.path} step {step.name}"
                     )
+                detail = detail.strip().replace("\n", "\n" + " " * (6 + len(step.name)))
                 lines.append(f"    {step.name}: {detail}")
         return lines
 

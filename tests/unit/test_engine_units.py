@@ -1,0 +1,281 @@
+"""Table tests of the engine's pure parts: batches, templating, release bookkeeping, inventories."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fraisier.batches import batch_size, parse_serial, split_batches, threshold_exceeded
+from fraisier.errors import ConfigurationError, ValidationError
+from fraisier.inventory import load_inventory
+from fraisier.recipes import load_recipe
+from fraisier.release import HostState, ReleaseInfo, ReleasePaths, releases_to_remove
+from fraisier.transport.base import wrap_command
+from fraisier.validation import render, validate_git_ref, validate_release_id
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("serial", "hosts", "expected"),
+    [
+        ((1,), 3, [1, 1, 1]),
+        (("100%",), 5, [5]),
+        ((1, "50%"), 5, [1, 3, 1]),
+        ((1, "25%", "100%"), 9, [1, 3, 5]),
+        ((2,), 5, [2, 2, 1]),
+        (("10%",), 3, [1, 1, 1]),
+    ],
+)
+def test_split_batches_sizes(serial, hosts, expected):
+    batches = split_batches(list(range(hosts)), serial)
+    assert [len(b) for b in batches] == expected
+    assert [h for b in batches for h in b] == list(range(hosts))
+
+
+@pytest.mark.parametrize("bad", [0, -1, "0%", "150%", "abc", [], True, 1.5])
+def test_parse_serial_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_serial(bad)
+
+
+def test_parse_serial_accepts_list():
+    assert parse_serial([1, "25%", "100%"]) == (1, "25%", "100%")
+    assert batch_size("25%", 10) == 3
+
+
+@pytest.mark.parametrize(
+    ("failed", "total", "limit", "exceeded"),
+    [(0, 3, 0, False), (1, 3, 0, True), (1, 4, 25, False), (2, 4, 25, True), (3, 3, 100, False)],
+)
+def test_threshold_exceeded(failed, total, limit, exceeded):
+    assert threshold_exceeded(failed, total, limit) is exceeded
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["main; rm -rf /", "$(id)", "--upload-pack=x", "a b", "x..y", "`id`", "a|b", ""],
+)
+def test_git_ref_rejects_hostile(value):
+    with pytest.raises(ValidationError):
+        validate_git_ref(value)
+
+
+@pytest.mark.parametrize("value", ["../../etc", "a b", "-rf", ".hidden", "a/b", "x;y", "é"])
+def test_release_id_rejects_hostile(value):
+    with pytest.raises(ValidationError):
+        validate_release_id(value)
+
+
+def test_render_quotes_values_for_the_shell():
+    hostile = "x'; touch /tmp/pwned; echo '$(id)"
+    command = render("printf '%s' {{ value }}", {"value": hostile})
+    output = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
+    assert output.stdout == hostile
+
+
+def test_render_raw_and_undefined():
+    assert render("echo {{ n | raw }}", {"n": "a b"}) == "echo a b"
+    with pytest.raises(ConfigurationError, match="undefined variable"):
+        render("echo {{ missing }}", {"n": 1})
+
+
+def test_wrap_command_runs_in_cwd_with_env(tmp_path):
+    line = wrap_command(
+        'printf "%s %s" "$(pwd)" "$GREETING"', cwd=str(tmp_path), env={"GREETING": "a 'b'"}
+    )
+    output = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True)
+    assert output.stdout == f"{tmp_path} a 'b'"
+
+
+def _state(current, *releases):
+    return HostState(True, current, tuple(ReleaseInfo(r, s) for r, s in releases))
+
+
+def test_cleanup_keeps_current_last_healthy_and_protected():
+    state = _state(
+        "r5",
+        ("r1", "healthy"),
+        ("r2", "healthy"),
+        ("r3", "failed"),
+        ("r4", "failed"),
+        ("r5", "healthy"),
+    )
+    assert releases_to_remove(state, keep=1, protect=["r1"]) == ["r2", "r3"]
+
+
+def test_cleanup_never_deletes_current_even_if_failed():
+    state = _state("r2", ("r1", "healthy"), ("r2", "failed"), ("r3", "failed"))
+    removed = releases_to_remove(state, keep=1, protect=[])
+    assert "r2" not in removed
+    assert "r1" not in removed
+
+
+def test_rollback_target_skips_failed_releases():
+    state = _state("r4", ("r1", "healthy"), ("r2", "healthy"), ("r3", "failed"), ("r4", "healthy"))
+    assert state.rollback_target() == "r2"
+
+
+def test_release_state_round_trip(tmp_path):
+    paths = ReleasePaths(str(tmp_path / "app"))
+    subprocess.run(["sh", "-c", paths.prepare_command()], check=True)
+    (tmp_path / "app" / "releases" / "r1").mkdir()
+    subprocess.run(["sh", "-c", paths.set_state_command("r1", "healthy")], check=True)
+    subprocess.run(["sh", "-c", paths.switch_command("r1")], check=True)
+    output = subprocess.run(
+        ["sh", "-c", paths.read_state_command()], capture_output=True, text=True, check=True
+    )
+    state = ReleasePaths.parse_state(output.stdout)
+    assert state.current == "r1"
+    assert state.releases == (ReleaseInfo("r1", "healthy"),)
+    assert os.readlink(tmp_path / "app" / "current") == "releases/r1"
+
+
+def test_switch_replaces_current_atomically(tmp_path):
+    paths = ReleasePaths(str(tmp_path))
+    subprocess.run(["sh", "-c", paths.prepare_command()], check=True)
+    for name in ("a", "b"):
+        (tmp_path / "releases" / name).mkdir()
+    subprocess.run(["sh", "-c", paths.switch_command("a")], check=True)
+    subprocess.run(["sh", "-c", paths.switch_command("b")], check=True)
+    assert os.readlink(tmp_path / "current") == "releases/b"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".current-")]
+    assert leftovers == []
+
+
+def _write_inventory(tmp_path: Path, body: dict) -> Path:
+    folder = tmp_path / "inventories"
+    folder.mkdir(exist_ok=True)
+    path = folder / "test.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_variable_precedence(tmp_path):
+    path = _write_inventory(
+        tmp_path,
+        {
+            "vars": {"a": "env", "b": "env", "c": "env", "d": "env"},
+            "hosts": {"h1": {"address": "127.0.0.9", "vars": {"d": "host"}}},
+            "groups": {
+                "first": {"hosts": ["h1"], "vars": {"c": "first", "b": "first"}},
+                "second": {"hosts": ["h1"], "vars": {"c": "second"}},
+            },
+            "fraises": {"app": {"deploy_to": "/srv/app", "vars": {"b": "fraise", "a": "fraise"}}},
+        },
+    )
+    inventory = load_inventory(path, "test")
+    fraise = inventory.fraise("app")
+    variables = inventory.variables(fraise, inventory.hosts["h1"], {"a": "recipe", "e": "recipe"})
+    assert variables["e"] == "recipe"
+    assert variables["a"] == "fraise"
+    assert variables["b"] == "first"
+    assert variables["c"] == "second"
+    assert variables["d"] == "host"
+    assert variables["host"] == "h1"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"hosts": {"h1": {"adress": "x"}}, "fraises": {}}, "did you mean 'address'"),
+        (
+            {"hosts": {"h1": {"port": 22}}, "fraises": {"a": {"deploy_to": "/x"}}},
+            "hosts.h1.address' is missing",
+        ),
+        (
+            {
+                "hosts": {"h1": {"address": "127.0.0.9", "port": 70000}},
+                "fraises": {"a": {"deploy_to": "/x"}},
+            },
+            "hosts.h1.port",
+        ),
+        (
+            {
+                "hosts": {"h1": {"address": "127.0.0.9", "identity_file": "/nonexistent/key"}},
+                "fraises": {"a": {"deploy_to": "/x"}},
+            },
+            "file not found",
+        ),
+        (
+            {"hosts": {"h1": {"address": "127.0.0.9"}}, "fraises": {"a": {}}},
+            "deploy_to' is missing",
+        ),
+        (
+            {
+                "hosts": {"h1": {"address": "127.0.0.9"}},
+                "fraises": {"a": {"deploy_to": "/x", "hosts": ["nope"]}},
+            },
+            "neither a host nor a group",
+        ),
+        (
+            {"hosts": {"h1": {"address": "bad address!"}}, "fraises": {"a": {"deploy_to": "/x"}}},
+            "neither an IP address",
+        ),
+        (
+            {
+                "hosts": {"h1": {"address": "127.0.0.9"}},
+                "fraises": {"a": {"deploy_to": "/x", "vars": {"release_id": "x"}}},
+            },
+            "set by Fraisier",
+        ),
+        (
+            {
+                "hosts": {"h1": {"address": "127.0.0.9"}},
+                "fraises": {"a": {"deploy_to": "/x", "serial": ["0%"]}},
+            },
+            "serial",
+        ),
+    ],
+)
+def test_inventory_errors_name_file_and_key(tmp_path, body, message):
+    path = _write_inventory(tmp_path, body)
+    with pytest.raises(ConfigurationError) as caught:
+        load_inventory(path, "test")
+    assert str(path) in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    folder = tmp_path / "inventories"
+    folder.mkdir()
+    path = folder / "test.yaml"
+    path.write_text("hosts:\n  h1: {address: [\n")
+    with pytest.raises(ConfigurationError, match=rf"{path}:\d+:\d+: malformed YAML"):
+        load_inventory(path, "test")
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ([{"name": "build"}], "has no command"),
+        ([{"builtin": "switch"}, {"builtin": "fetch"}], "'fetch' must come before 'switch'"),
+        ([{"builtin": "fetch"}], "exactly one 'switch'"),
+        ([{"builtin": "launch"}], "built-in steps are"),
+        ([{"name": "a", "run": "x"}, {"name": "a", "run": "y"}], "repeated: a"),
+        ([{"name": "Bad Name", "run": "x"}], "invalid step name"),
+    ],
+)
+def test_recipe_errors(tmp_path, steps, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"steps": steps}))
+    with pytest.raises(ConfigurationError, match=message):
+        load_recipe(path)
+
+
+def test_shipped_inventories_and_recipes_load():
+    for path in sorted((REPO / "inventories").glob("*.yaml")):
+        inventory = load_inventory(path, path.stem)
+        assert inventory.fraises, path
+    for path in sorted((REPO / "tasks").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert recipe.steps, path
+
+
+def test_shell_quote_helper_matches_shlex():
+    assert render("{{ v }}", {"v": "a b"}) == shlex.quote("a b")
