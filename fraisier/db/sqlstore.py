@@ -41,6 +41,7 @@ TIME_COLUMNS = frozenset({"started_at", "ended_at", "at", "since", "applied_at"}
 DEFAULT_ATTEMPTS = 4
 RETRY_DELAYS = (0.2, 0.5, 1.0)
 LOCK_POLL_SECONDS = 0.25
+HOLDER_ROW_WAIT = 2.0
 STATS_LIMIT = 10000
 
 
@@ -748,11 +749,22 @@ class SQLRunStore(RunStore):
         return LockHolder(run_id, user, controller, self._from_db_time(since), pid)
 
     def _lock_held_error(self, environment: str, fraise: str, waited: float) -> LockHeldError:
-        try:
-            holder = self.read_holder(environment, fraise)
-        except DatabaseError as exc:
-            log.warning("could not read the lock holder of %s/%s: %s", environment, fraise, exc)
-            holder = None
+        holder = None
+        # The holder writes its row just after taking the lock, so a loser of a close race
+        # may look before the row exists; it looks again for up to HOLDER_ROW_WAIT seconds.
+        deadline = time.monotonic() + HOLDER_ROW_WAIT
+        while holder is None:
+            try:
+                holder = self.read_holder(environment, fraise)
+            except DatabaseError as exc:
+                log.warning(
+                    "could not read the lock holder of %s/%s: %s", environment, fraise, exc
+                )
+                break
+            if holder is None and time.monotonic() >= deadline:
+                break
+            if holder is None:
+                time.sleep(0.1)
         after = f" after waiting {waited:g} s" if waited else ""
         if holder is None:
             who = "another controller that has not recorded itself yet"
