@@ -297,8 +297,19 @@ def translate_exception(exc: BaseException, **context: Any) -> FraisierError:
             f"connecting to {host} timed out", code="connect_timeout", context=context
         )
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        # Paramiko raises this when every address of the host failed; ``errors`` maps each
+        # (address, port) to its socket error, and its own message has "[Errno None]".
+        where = ", ".join(f"{address[0]}:{address[1]}" for address in exc.errors)
+        if all(isinstance(error, ConnectionRefusedError) for error in exc.errors.values()):
+            return HostUnreachableError(
+                f"connection to {host} ({where}) refused; is sshd running on that port?",
+                code="connection_refused",
+                context=context,
+            )
+        reasons = "; ".join(str(error) for error in exc.errors.values())
         return HostUnreachableError(
-            f"no connection to {host}: {exc}", code="connection_refused", context=context
+            f"no connection to {host} ({where}): {reasons}; check the address, port and network",
+            context=context,
         )
     if isinstance(exc, (paramiko.ChannelException, EOFError, ConnectionResetError)):
         return ConnectionLostError(
