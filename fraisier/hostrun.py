@@ -475,7 +475,8 @@ class HostDeployer:
             record.status = "failed"
         if not hostrun.switched:
             # A release that never went live is marked failed so it is never a rollback target.
-            if self.recipe.makes_release:
+            # Without a state read, connect or lock failed and no release folder was made.
+            if self.recipe.makes_release and hostrun.state is not None:
                 self._mark(hostrun, self.release_id, "failed")
             record.final_release = hostrun.previous_release
             return
