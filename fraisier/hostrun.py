@@ -12,6 +12,7 @@ from fraisier.errors import (
     CommandFailedError,
     DeploymentTimeoutError,
     FraisierError,
+    LockHeldError,
     RollbackError,
     translate_exception,
 )
@@ -178,6 +179,8 @@ class HostDeployer:
             result = transport.run(paths.read_state_command(), timeout=INTERNAL_TIMEOUT)
         except FraisierError as exc:
             self._record_internal(hostrun, "connect", started, exc)
+            if isinstance(exc, LockHeldError):
+                self._read_current(hostrun)
             if exc.code in (
                 "host_unreachable",
                 "connection_refused",
@@ -191,6 +194,18 @@ class HostDeployer:
         hostrun.record.previous_release = hostrun.previous_release
         hostrun.variables = self.variables_for(hostrun.host, hostrun.previous_release)
         self._record_internal(hostrun, "connect", started, None)
+
+    def _read_current(self, hostrun: HostRun) -> None:
+        """Record the host's current release without the lock, so the summary can name it."""
+        assert hostrun.transport is not None
+        paths = self.paths_for(hostrun)
+        try:
+            result = hostrun.transport.run(paths.read_state_command(), timeout=INTERNAL_TIMEOUT)
+        except FraisierError as exc:
+            log.warning("could not read the current release: %s", exc.message)
+            return
+        hostrun.previous_release = ReleasePaths.parse_state(result.stdout).current
+        hostrun.record.previous_release = hostrun.previous_release
 
     # --- steps ---------------------------------------------------------------------------
 

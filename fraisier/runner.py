@@ -23,7 +23,13 @@ from typing import Any, Protocol
 
 from fraisier.audit import config_digest
 from fraisier.batches import split_batches, threshold_exceeded
-from fraisier.errors import ConfigurationError, ExitCode, FraisierError, InterruptedRunError
+from fraisier.errors import (
+    ConfigurationError,
+    ExitCode,
+    FraisierError,
+    InterruptedRunError,
+    LockHeldError,
+)
 from fraisier.hostlock import Holder, controller_identity
 from fraisier.hostrun import HostDeployer, HostRun
 from fraisier.interrupt import Interrupt
@@ -686,9 +692,11 @@ def outcome(hostruns: list[HostRun], interrupt: Interrupt) -> tuple[int, str]:
     if all(hr.record.status == "success" for hr in hostruns):
         return int(ExitCode.SUCCESS), "success"
     switched = [hr for hr in hostruns if hr.switched]
-    if switched and all(hr.rolled_back for hr in switched):
-        return int(ExitCode.DEPLOY_FAILED), "rolled_back"
-    return int(ExitCode.DEPLOY_FAILED), "failed"
+    status = "rolled_back" if switched and all(hr.rolled_back for hr in switched) else "failed"
+    # A deploy lock held by another run on any host is exit 4, so a caller can wait and retry.
+    if any(isinstance(getattr(hr.error, "cause", hr.error), LockHeldError) for hr in hostruns):
+        return int(ExitCode.LOCK_HELD), status
+    return int(ExitCode.DEPLOY_FAILED), status
 
 
 def describe_hosts(hostruns: list[HostRun]) -> str:
