@@ -517,7 +517,15 @@ class HostDeployer:
                 f"nothing to roll back to on {hostrun.host.name}: no release was current before "
                 f"this run, so {self.release_id} stays current"
             )
-            log.warning(message, extra={"event": "rollback", "status": "nothing_to_roll_back"})
+            log.warning(
+                message,
+                extra={
+                    "event": "rollback",
+                    "status": "nothing_to_roll_back",
+                    "from_release": self.release_id,
+                    "reason": reason,
+                },
+            )
             record.error_message = (
                 record.error_message + "; " if record.error_message else ""
             ) + message
@@ -525,7 +533,15 @@ class HostDeployer:
             return
         started = utc_now()
         log.warning(
-            "rolling back to %s (%s)", target, reason, extra={"event": "rollback", "reason": reason}
+            "rolling back to %s (%s)",
+            target,
+            reason,
+            extra={
+                "event": "rollback",
+                "reason": reason,
+                "from_release": self.release_id,
+                "to_release": target,
+            },
         )
         try:
             self._undo_steps(hostrun)
