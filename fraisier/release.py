@@ -67,9 +67,13 @@ class HostState:
 
 
 def new_release_id(run_id: str, now: dt.datetime | None = None) -> str:
-    """Return a sortable release id: UTC time and six characters of the run id."""
+    """Return a sortable release id: UTC time to the millisecond and six characters of the run id.
+
+    Rollback targets and cleanup order releases by id, so two deploys within one second must
+    still sort by time, not by their random run ids.
+    """
     now = now or dt.datetime.now(dt.timezone.utc)
-    return f"{now:%Y%m%d%H%M%S}-{run_id[:6]}"
+    return f"{now:%Y%m%d%H%M%S}{now.microsecond // 1000:03d}-{run_id[:6]}"
 
 
 class ReleasePaths:
