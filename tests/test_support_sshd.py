@@ -11,10 +11,8 @@ from pathlib import Path
 import paramiko
 import pytest
 import yaml
-from support import Prometheus, Pushgateway, SshHost, http_request
+from support import Prometheus, Pushgateway, SshHost, check_database, free_port, http_request
 from support.sshd import DEPLOY_ROOT_BASE, SUDOERS_DIR
-
-pytestmark = pytest.mark.ssh
 
 
 def _run_ssh(host: SshHost, command: str, timeout: float = 15.0) -> subprocess.CompletedProcess:
@@ -31,6 +29,7 @@ def _port_refuses(address: str, port: int) -> bool:
         return True
 
 
+@pytest.mark.ssh
 def test_three_hosts_have_distinct_addresses(ssh_hosts3: list[SshHost]) -> None:
     addresses = {host.address for host in ssh_hosts3}
     users = {host.user for host in ssh_hosts3}
@@ -44,6 +43,7 @@ def test_three_hosts_have_distinct_addresses(ssh_hosts3: list[SshHost]) -> None:
         assert host.running
 
 
+@pytest.mark.ssh
 def test_openssh_client_runs_command(ssh_hosts3: list[SshHost]) -> None:
     for host in ssh_hosts3:
         result = _run_ssh(host, "id -un; pwd")
@@ -54,6 +54,7 @@ def test_openssh_client_runs_command(ssh_hosts3: list[SshHost]) -> None:
         assert lines[1] == f"/home/{host.user}"
 
 
+@pytest.mark.ssh
 def test_deploy_root_owned_by_user(ssh_host: SshHost) -> None:
     result = _run_ssh(
         ssh_host, f"stat -c %U {ssh_host.deploy_root}; touch {ssh_host.deploy_root}/x"
@@ -66,16 +67,19 @@ def test_deploy_root_owned_by_user(ssh_host: SshHost) -> None:
 
 # pytest runs tests in file order, so the second test sees the file the first one wrote
 # unless the ssh_hosts3 fixture wipes the deploy root in between.
+@pytest.mark.ssh
 def test_deploy_root_dirtied_by_test(ssh_host: SshHost) -> None:
     Path(ssh_host.deploy_root, "left-over").write_text("from an earlier test")
 
     assert Path(ssh_host.deploy_root, "left-over").exists()
 
 
+@pytest.mark.ssh
 def test_deploy_root_empty_in_next_test(ssh_host: SshHost) -> None:
     assert list(Path(ssh_host.deploy_root).iterdir()) == []
 
 
+@pytest.mark.ssh
 def test_reset_cleans_stopped_frozen_host(ssh_host: SshHost) -> None:
     Path(ssh_host.deploy_root, "left-over").write_text("x")
     result = _run_ssh(ssh_host, "setsid sleep 300 </dev/null >/dev/null 2>&1 & echo started")
@@ -93,6 +97,7 @@ def test_reset_cleans_stopped_frozen_host(ssh_host: SshHost) -> None:
     assert _run_ssh(ssh_host, "true").returncode == 0
 
 
+@pytest.mark.ssh
 def test_paramiko_connects_with_known_hosts(ssh_host: SshHost) -> None:
     client = ssh_host.paramiko_client()
     try:
@@ -104,6 +109,7 @@ def test_paramiko_connects_with_known_hosts(ssh_host: SshHost) -> None:
     assert output == ssh_host.user
 
 
+@pytest.mark.ssh
 def test_paramiko_rejects_changed_host_key(ssh_host: SshHost) -> None:
     wrong = ssh_host.wrong_known_hosts()
 
@@ -112,6 +118,7 @@ def test_paramiko_rejects_changed_host_key(ssh_host: SshHost) -> None:
         ssh_host.paramiko_client(known_hosts=wrong)
 
 
+@pytest.mark.ssh
 def test_openssh_rejects_changed_host_key(ssh_host: SshHost) -> None:
     args = ssh_host.ssh_args("true", known_hosts=ssh_host.wrong_known_hosts())
     result = subprocess.run(args, capture_output=True, text=True, timeout=15, check=False)
@@ -120,6 +127,7 @@ def test_openssh_rejects_changed_host_key(ssh_host: SshHost) -> None:
     assert "HOST IDENTIFICATION HAS CHANGED" in result.stderr
 
 
+@pytest.mark.ssh
 def test_sudo_without_password(ssh_host: SshHost) -> None:
     result = _run_ssh(ssh_host, "sudo -n true && sudo -n id -u")
 
@@ -127,6 +135,7 @@ def test_sudo_without_password(ssh_host: SshHost) -> None:
     assert result.stdout.strip() == "0"
 
 
+@pytest.mark.ssh
 def test_fabric_uses_connect_kwargs(ssh_host: SshHost) -> None:
     import fabric
 
@@ -149,6 +158,7 @@ def test_fabric_uses_connect_kwargs(ssh_host: SshHost) -> None:
     assert Path(target).read_text() == Path(__file__).read_text()
 
 
+@pytest.mark.ssh
 def test_testinfra_host_runs_checks(ssh_host: SshHost, testinfra_host) -> None:
     host = testinfra_host(ssh_host)
 
@@ -158,6 +168,7 @@ def test_testinfra_host_runs_checks(ssh_host: SshHost, testinfra_host) -> None:
     assert host.run("id -un").stdout.strip() == ssh_host.user
 
 
+@pytest.mark.ssh
 def test_stop_closes_port_and_processes(ssh_host_factory) -> None:
     (host,) = ssh_host_factory(1)
     client = host.paramiko_client()
@@ -175,6 +186,7 @@ def test_stop_closes_port_and_processes(ssh_host_factory) -> None:
     client.close()
 
 
+@pytest.mark.ssh
 def test_restart_keeps_port_and_files(ssh_host_factory) -> None:
     (host,) = ssh_host_factory(1)
     port = host.port
@@ -186,6 +198,7 @@ def test_restart_keeps_port_and_files(ssh_host_factory) -> None:
     assert _run_ssh(host, "cat " + host.deploy_root + "/release").stdout == "kept"
 
 
+@pytest.mark.ssh
 def test_kill_ends_every_host_process(ssh_host_factory) -> None:
     (host,) = ssh_host_factory(1)
     # A daemon started with setsid leaves the session tree, so only the uid finds it.
@@ -199,6 +212,7 @@ def test_kill_ends_every_host_process(ssh_host_factory) -> None:
     assert host.user_pids() == set()
 
 
+@pytest.mark.ssh
 def test_freeze_hangs_command_until_thaw(ssh_host: SshHost) -> None:
     client = ssh_host.paramiko_client()
     try:
@@ -225,6 +239,7 @@ def test_freeze_hangs_command_until_thaw(ssh_host: SshHost) -> None:
         client.close()
 
 
+@pytest.mark.ssh
 def test_frozen_listener_hangs_new_connection(ssh_host: SshHost) -> None:
     ssh_host.freeze(listener=True)
     try:
@@ -236,6 +251,7 @@ def test_frozen_listener_hangs_new_connection(ssh_host: SshHost) -> None:
     assert _run_ssh(ssh_host, "true").returncode == 0
 
 
+@pytest.mark.ssh
 def test_close_removes_sudoers_and_deploy_root(ssh_host_factory) -> None:
     (host,) = ssh_host_factory(1)
     sudoers = SUDOERS_DIR / f"fraisier-test-{host.user}"
@@ -250,11 +266,25 @@ def test_close_removes_sudoers_and_deploy_root(ssh_host_factory) -> None:
     assert deploy_root.parent == DEPLOY_ROOT_BASE
 
 
+@pytest.mark.ssh
+def test_start_failure_reports_sshd_output(ssh_host_factory) -> None:
+    (host,) = ssh_host_factory(1)
+    host.stop()
+    with open(Path(host.workdir, "sshd_config"), "a") as config:
+        config.write("NoSuchOption yes\n")
+
+    with pytest.raises(RuntimeError, match="NoSuchOption"):
+        host.start()
+    assert not host.running
+
+
+@pytest.mark.ssh
 def test_address_taken_by_live_host_is_rejected(ssh_host: SshHost) -> None:
     with pytest.raises(RuntimeError, match="in use by another SshHost"):
         SshHost(address=ssh_host.address).start()
 
 
+@pytest.mark.ssh
 def test_inventory_for_writes_shape(ssh_hosts3: list[SshHost], inventory_for) -> None:
     path = inventory_for(
         ssh_hosts3,
@@ -282,6 +312,7 @@ def test_inventory_for_writes_shape(ssh_hosts3: list[SshHost], inventory_for) ->
         assert entry["vars"]["deploy_root"] == host.deploy_root
 
 
+@pytest.mark.ssh
 def test_inventory_for_none_drops_default(ssh_hosts3: list[SshHost], inventory_for) -> None:
     path = inventory_for(ssh_hosts3[:1], fraises={"hello": None})
 
@@ -315,6 +346,20 @@ def test_pushgateway_wipe_deletes_groups(pushgateway: Pushgateway) -> None:
 
 
 @pytest.mark.monitoring
+@pytest.mark.parametrize("persistence", [False, True])
+def test_pushgateway_restart_persistence(persistence: bool) -> None:
+    with Pushgateway(persistence=persistence) as server:
+        port = server.port
+        http_request(f"{server.url}/metrics/job/kept", method="PUT", data=b"x 1\n")
+
+        server.restart()
+
+        assert server.port == port
+        jobs = [group["labels"].get("job") for group in server.groups()]
+        assert ("kept" in jobs) is persistence
+
+
+@pytest.mark.monitoring
 def test_prometheus_wait_for_times_out(prometheus: Prometheus) -> None:
     with pytest.raises(TimeoutError, match="no_such_metric"):
         prometheus.wait_for("no_such_metric", timeout=1)
@@ -324,3 +369,11 @@ def test_prometheus_wait_for_times_out(prometheus: Prometheus) -> None:
 def test_database_urls_reach_servers(postgres_url: str, mysql_url: str) -> None:
     assert urllib.parse.urlsplit(postgres_url).hostname == "127.0.0.1"
     assert urllib.parse.urlsplit(mysql_url).hostname == "127.0.0.1"
+
+
+@pytest.mark.parametrize("scheme", ["postgresql://postgres", "mysql://root"])
+def test_check_database_names_closed_port(scheme: str) -> None:
+    port = free_port()
+
+    with pytest.raises(RuntimeError, match=f"cannot connect to .* at 127.0.0.1:{port}"):
+        check_database(f"{scheme}@127.0.0.1:{port}/test")

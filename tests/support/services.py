@@ -178,7 +178,11 @@ class Pushgateway(_Server):
 
     def _arguments(self) -> list[str]:
         arguments = [f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-admin-api"]
-        if self.persistence_file is not None:
+        if self.persistence_file is None:
+            # Debian's build defaults to /var/lib/prometheus/pushgateway.data, a file that
+            # every Pushgateway on the machine would share; an empty value turns it off.
+            arguments.append("--persistence.file=")
+        else:
             arguments += [
                 f"--persistence.file={self.persistence_file}",
                 "--persistence.interval=1s",
