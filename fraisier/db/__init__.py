@@ -81,10 +81,10 @@ def resolve_database_url(setting: str | None, project_root: Path) -> str:
     return url
 
 
-def default_journal_path(url: str, project_root: Path) -> Path:
-    """Return the journal path: beside the SQLite file, else ``<root>/var/journal.jsonl``."""
-    parsed = parse_database_url(url)
-    if parsed.dialect == "sqlite" and parsed.path is not None:
-        path = parsed.path if parsed.path.is_absolute() else Path(project_root) / parsed.path
-        return path.with_name(path.name + ".journal.jsonl")
+def default_journal_path(project_root: Path) -> Path:
+    """Return the journal path, ``<project_root>/var/journal.jsonl``.
+
+    The default SQLite database lives in the same directory, so with the default URL the
+    journal sits next to the SQLite file.
+    """
     return Path(project_root) / "var" / "journal.jsonl"

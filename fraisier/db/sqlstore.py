@@ -757,9 +757,7 @@ class SQLRunStore(RunStore):
             try:
                 holder = self.read_holder(environment, fraise)
             except DatabaseError as exc:
-                log.warning(
-                    "could not read the lock holder of %s/%s: %s", environment, fraise, exc
-                )
+                log.warning("could not read the lock holder of %s/%s: %s", environment, fraise, exc)
                 break
             if holder is None and time.monotonic() >= deadline:
                 break
