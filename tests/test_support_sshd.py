@@ -336,6 +336,34 @@ def test_prometheus_scrapes_pushed_metric(pushgateway: Pushgateway, prometheus: 
 
 
 @pytest.mark.monitoring
+def test_prometheus_fires_rule_file_alert(pushgateway: Pushgateway, tmp_path: Path) -> None:
+    rules = {
+        "groups": [
+            {
+                "name": "support",
+                "rules": [{"alert": "SupportCheckHigh", "expr": "fraisier_support_alert > 1"}],
+            }
+        ]
+    }
+    rule_file = tmp_path / "rules.yml"
+    rule_file.write_text(yaml.safe_dump(rules))
+    http_request(
+        f"{pushgateway.url}/metrics/job/support", method="PUT", data=b"fraisier_support_alert 5\n"
+    )
+
+    with Prometheus(pushgateway, rule_files=[rule_file]) as server:
+        deadline = time.monotonic() + 20
+        while not server.alerts() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        alerts = server.alerts()
+        groups = server.rule_groups()
+
+    assert [alert["labels"]["alertname"] for alert in alerts] == ["SupportCheckHigh"]
+    assert alerts[0]["state"] == "firing"
+    assert groups[0]["rules"][0]["health"] == "ok"
+
+
+@pytest.mark.monitoring
 def test_pushgateway_wipe_deletes_groups(pushgateway: Pushgateway) -> None:
     http_request(f"{pushgateway.url}/metrics/job/a", method="PUT", data=b"x 1\n")
     assert any(group["labels"].get("job") == "a" for group in pushgateway.groups())
