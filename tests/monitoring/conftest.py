@@ -39,27 +39,38 @@ class RecordedRun:
     stats: RunStats
 
 
+def open_test_store(path: Path) -> RunStore:
+    """Open and migrate a SQLite run store at ``path``."""
+    run_store = SQLiteRunStore(parse_database_url(f"sqlite:///{path}"))
+    run_store.migrate()
+    return run_store
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[RunStore]:
     """Open a migrated SQLite run store in ``tmp_path``; close it at teardown."""
-    run_store = SQLiteRunStore(parse_database_url(f"sqlite:///{tmp_path / 'runs.sqlite'}"))
-    run_store.migrate()
+    run_store = open_test_store(tmp_path / "runs.sqlite")
     yield run_store
     run_store.close()
 
 
-@pytest.fixture
-def record_run(store: RunStore) -> Callable[..., RecordedRun]:
-    """Provide ``record_run(status, environment="prod", fraise="api", ...)``.
+class RunWriter:
+    """Saves fabricated deploy runs in a store, as the deploy engine would at the end of a run.
 
-    It saves a deploy run that ended with ``status`` on two hosts, ``web1`` and ``web2``, with
-    the steps of ``RECIPE_STEPS``, and returns the records with ``store.run_stats`` read after
-    the save. Each call starts one hour after the previous one.
+    ``writer(status, environment="prod", fraise="api", ...)`` saves a run that ended with
+    ``status`` on two hosts, ``web1`` and ``web2``, with the steps of ``RECIPE_STEPS``, and
+    returns the records with ``store.run_stats`` read after the save. Without ``started_at``,
+    each call starts one hour after the previous one, counted from 2026-01-05 08:00 UTC.
     """
-    counter = itertools.count(1)
+
     base = dt.datetime(2026, 1, 5, 8, 0, tzinfo=dt.timezone.utc)
 
-    def record(
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+        self._counter = itertools.count(1)
+
+    def __call__(
+        self,
         status: str,
         environment: str = "prod",
         fraise: str = "api",
@@ -67,9 +78,10 @@ def record_run(store: RunStore) -> Callable[..., RecordedRun]:
         error_code: str | None = None,
         rollback_reason: str | None = None,
         task: str = "deploy",
+        started_at: dt.datetime | None = None,
     ) -> RecordedRun:
-        number = next(counter)
-        started = base + dt.timedelta(hours=number)
+        number = next(self._counter)
+        started = started_at or self.base + dt.timedelta(hours=number)
         ended = started + dt.timedelta(seconds=duration)
         run_id = f"run-{environment}-{fraise}-{number}"
         run = RunRecord(
@@ -100,15 +112,19 @@ def record_run(store: RunStore) -> Callable[..., RecordedRun]:
                 end = at + dt.timedelta(seconds=seconds + index)
                 steps.append(StepRecord(run_id, host, position, name, "success", at, end))
                 at = end
-        store.save_run(run)
+        self.store.save_run(run)
         for host in hosts:
-            store.save_host(host)
+            self.store.save_host(host)
         for step in steps:
-            store.save_step(step)
-        stats = store.run_stats(environment, fraise)
+            self.store.save_step(step)
+        stats = self.store.run_stats(environment, fraise)
         return RecordedRun(run, hosts, steps, stats)
 
-    return record
+
+@pytest.fixture
+def record_run(store: RunStore) -> RunWriter:
+    """Return a RunWriter over the ``store`` fixture."""
+    return RunWriter(store)
 
 
 def parse_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
