@@ -29,6 +29,7 @@ from fraisier.errors import (
     FraisierError,
     InterruptedRunError,
     LockHeldError,
+    ValidationError,
 )
 from fraisier.hostlock import Holder, controller_identity
 from fraisier.hostrun import HostDeployer, HostRun
@@ -39,7 +40,7 @@ from fraisier.records import AuditEvent, HostRecord, RunRecord, StepRecord, utc_
 from fraisier.release import new_release_id
 from fraisier.sources import Artifact, prepare_artifact
 from fraisier.transport import open_transport
-from fraisier.validation import render, render_plain, validate_release_id
+from fraisier.validation import render, render_plain, validate_git_ref, validate_release_id
 
 log = logging.getLogger("fraisier.run")
 
@@ -158,6 +159,8 @@ class FraiseRun:
             find_recipe(fraise, recipes_dir(inventory.project_root, inventory.settings.recipes_dir))
         )
         self.hosts: list[Host] = inventory.hosts_for(fraise, options.limit)
+        if options.ref is not None:
+            _check_option("--ref", options.ref, validate_git_ref)
         self.run_id = new_run_id()
         user, controller, pid = controller_identity()
         self.holder = Holder(
@@ -534,7 +537,7 @@ class FraiseRun:
     def rollback(self, to_release: str | None) -> RunResult:
         """Switch every host back to ``to_release`` or to its newest good release before current."""
         if to_release is not None:
-            validate_release_id(to_release)
+            _check_option("--to", to_release, validate_release_id)
         run = self._new_run_record(to_release, None)
         with self._db_lock():
             self.services.recorder.save_run(run)
@@ -675,6 +678,14 @@ class FraiseRun:
         if self.services.on_run_end:
             self.services.on_run_end(result)
         return result
+
+
+def _check_option(option: str, value: str, check: Callable[[str], str]) -> None:
+    """Run ``check`` on a command-line value so that its error names the option."""
+    try:
+        check(value)
+    except ValidationError as exc:
+        raise ValidationError(f"{option}: {exc.message}", context=exc.context) from None
 
 
 def _step(name: str) -> Any:
