@@ -71,7 +71,7 @@ _HOST_STATUS_TO_RESULT = {
 
 # Rollback reasons that the runner records (fraisier.hostrun.rollback_reason, plus "run_failed"
 # and "manual"). Their counters are pushed as 0 before the first rollback, so that increase()
-# sees the step from 0 to 1; a counter series that appears with value 1 shows no increase.
+# counts the step from 0 to 1. A counter series that first appears with value 1 shows no increase.
 ROLLBACK_REASONS = (
     "health_check",
     "interrupted",
@@ -221,7 +221,7 @@ class _Histogram:
 _Values = dict[str, dict[tuple[str, ...], float]]
 
 
-def _label(value: object) -> str:
+def _label_value(value: object) -> str:
     text = str(redact(str(value)))
     return text[:MAX_LABEL_VALUE_LENGTH]
 
@@ -257,10 +257,13 @@ def _error_codes() -> set[str]:
 
 
 def _counts(counts: dict[str, int], known: Iterable[str]) -> dict[tuple[str, ...], float]:
-    """Map counts to label tuples, with 0 for every known key; keys cut alike are added up."""
+    """Map counts to label tuples, with 0 for every known key.
+
+    Keys that are cut to the same label value are added up.
+    """
     values = {(key,): 0.0 for key in known}
     for key, count in counts.items():
-        label = (_label(key),)
+        label = (_label_value(key),)
         values[label] = values.get(label, 0.0) + float(count)
     return values
 
@@ -306,7 +309,7 @@ def _run_values(
 
     step_durations: dict[tuple[str, ...], float] = {}
     for step in steps:
-        key = (_label(step.name),)
+        key = (_label_value(step.name),)
         step_durations[key] = max(step_durations.get(key, 0.0), max(step.duration, 0.0))
 
     return {
@@ -330,7 +333,7 @@ def _families(
 ) -> dict[str, Metric]:
     """Build metric families from computed values, in ``METRICS`` order.
 
-    ``extra_labels`` are prepended to every sample; the exporter passes environment and fraise.
+    ``extra_labels`` are prepended to every sample. The exporter passes environment and fraise.
     """
     extra_names = list(extra_labels or {})
     extra_values = list((extra_labels or {}).values())
@@ -435,7 +438,7 @@ def resolve_pushgateway_url(setting: str | None) -> str | None:
 
 
 class PushRejectedError(Exception):
-    """The Pushgateway answered a push with an HTTP error status."""
+    """The Pushgateway rejected a push with an HTTP error status."""
 
     def __init__(self, status: int, body: str) -> None:
         super().__init__(f"HTTP {status}: {body}")
@@ -496,17 +499,18 @@ def _push(
     registry: CollectorRegistry,
     timeout: float,
     retries: int,
-    what: str,
+    push_kind: str,
 ) -> str | None:
-    """POST ``registry`` to the group (job, environment, fraise); return None or an error line.
+    """POST ``registry`` to the group (job, environment, fraise) and return None or an error.
 
-    A 4xx answer is not retried because the same body gets the same answer. Connection errors,
-    timeouts and 5xx answers are retried ``retries`` times with a doubling backoff.
+    A 4xx response is not retried, because the gateway would reject the same body again.
+    Connection errors, timeouts and 5xx responses are retried ``retries`` times with a
+    doubling backoff.
     """
     url, username, password = _split_credentials(gateway_url)
     register_secret(password)
     shown_url = redact(url)
-    grouping_key = {"environment": _label(environment), "fraise": _label(fraise)}
+    grouping_key = {"environment": _label_value(environment), "fraise": _label_value(fraise)}
     handler = _make_handler(username, password)
 
     error = ""
@@ -515,7 +519,7 @@ def _push(
             delay = RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1)
             log.info(
                 "retrying %s push to %s for %s/%s in %.2f s (attempt %d of %d) after: %s",
-                what, shown_url, environment, fraise, delay, attempt + 1, retries + 1, error,
+                push_kind, shown_url, environment, fraise, delay, attempt + 1, retries + 1, error,
             )  # fmt: skip
             time.sleep(delay)
         try:
@@ -537,12 +541,12 @@ def _push(
             reason = getattr(exc, "reason", None) or exc
             error = f"{type(exc).__name__}: {_one_line(str(reason))}"
             continue
-        log.debug("pushed %s metrics to %s for %s/%s", what, shown_url, environment, fraise)
+        log.debug("pushed %s metrics to %s for %s/%s", push_kind, shown_url, environment, fraise)
         return None
 
     message = str(
         redact(
-            f"{what} push to {shown_url} for {environment}/{fraise} failed after "
+            f"{push_kind} push to {shown_url} for {environment}/{fraise} failed after "
             f"{attempt + 1} attempt(s): {error}"
         )
     )
@@ -553,7 +557,7 @@ def _push(
 def push_run_start(
     gateway_url: str | None, environment: str, fraise: str, timeout: float = DEFAULT_TIMEOUT
 ) -> str | None:
-    """Push fraisier_active_deployments = 1 for (environment, fraise); return None or an error.
+    """Push fraisier_active_deployments = 1 for (environment, fraise) and return None or an error.
 
     Best effort: one attempt, no retry, and no exception reaches the caller.
     """
@@ -561,7 +565,7 @@ def push_run_start(
         return None
     try:
         return _push(gateway_url, environment, fraise, build_start_registry(), timeout, 0, "start")
-    except Exception as exc:  # a push must never fail a deploy
+    except Exception as exc:  # no exception may reach the deploy engine
         message = str(redact(f"start push for {environment}/{fraise} failed: {exc!r}"))
         log.warning("%s", message)
         return _one_line(message)
@@ -576,7 +580,7 @@ def push_run_metrics(
     timeout: float = DEFAULT_TIMEOUT,
     retries: int = DEFAULT_RETRIES,
 ) -> str | None:
-    """Push the end-of-run metrics of ``run`` with one POST; return None or a one-line error.
+    """Push the end-of-run metrics of ``run`` with one POST and return None or a one-line error.
 
     ``stats`` comes from ``RunStore.run_stats`` after the run was saved, or is None when the
     database is unreachable. No exception reaches the caller: the engine stores the returned
@@ -587,7 +591,7 @@ def push_run_metrics(
     try:
         registry = build_run_registry(run, hosts, steps, stats)
         return _push(gateway_url, run.environment, run.fraise, registry, timeout, retries, "run")
-    except Exception as exc:  # a push must never fail a deploy
+    except Exception as exc:  # no exception may reach the deploy engine
         message = str(redact(f"run push for {run.environment}/{run.fraise} failed: {exc!r}"))
         log.warning("%s", message)
         return _one_line(message)
@@ -634,7 +638,7 @@ class StoreCollector(Collector):
             hosts = detail.hosts if detail is not None else []
             steps = detail.steps if detail is not None else []
             values.update(_run_values(last_run, hosts, steps))
-        extra = {"environment": _label(environment), "fraise": _label(fraise)}
+        extra = {"environment": _label_value(environment), "fraise": _label_value(fraise)}
         return _families(values, histograms, extra)
 
     def _newest_ended_run(

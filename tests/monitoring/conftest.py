@@ -83,6 +83,7 @@ class RunWriter:
         number = next(self._counter)
         started = started_at or self.base + dt.timedelta(hours=number)
         ended = started + dt.timedelta(seconds=duration)
+
         run_id = f"run-{environment}-{fraise}-{number}"
         run = RunRecord(
             run_id=run_id,
@@ -105,6 +106,7 @@ class RunWriter:
             HostRecord(run_id, "web2", status=second_host_status, started_at=started,
                        ended_at=ended, error_code=error_code),
         ]  # fmt: skip
+
         steps = []
         for index, host in enumerate(("web1", "web2")):
             at = started
@@ -112,6 +114,7 @@ class RunWriter:
                 end = at + dt.timedelta(seconds=seconds + index)
                 steps.append(StepRecord(run_id, host, position, name, "success", at, end))
                 at = end
+
         self.store.save_run(run)
         for host in hosts:
             self.store.save_host(host)
@@ -179,7 +182,7 @@ class _StatusHandler(http.server.BaseHTTPRequestHandler):
 
 @dataclasses.dataclass
 class StatusServer:
-    """A loopback HTTP server that answers every request with one status and body."""
+    """A loopback HTTP server that returns one status and body for every request."""
 
     url: str
     requests: list[dict[str, str]]
@@ -187,7 +190,7 @@ class StatusServer:
 
 @pytest.fixture
 def status_server() -> Iterator[Callable[[int, bytes], StatusServer]]:
-    """Provide ``start(status, body)``: a server on 127.0.0.1 answering every request so."""
+    """Provide ``start(status, body)``, which starts a StatusServer on 127.0.0.1."""
     servers: list[http.server.ThreadingHTTPServer] = []
 
     def start(status: int, body: bytes) -> StatusServer:

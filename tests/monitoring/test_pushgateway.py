@@ -162,7 +162,7 @@ def test_gateway_400_returns_body(status_server, record_run):
     assert "HTTP 400" in error
     assert "invalid metric name" in error
     assert elapsed < 10
-    # A 4xx answer is final: no retry.
+    # A 4xx response is final: no retry.
     assert len(server.requests) == 1
     assert server.requests[0]["method"] == "POST"
     assert server.requests[0]["path"] == "/metrics/job/fraisier/environment/prod/fraise/api"
