@@ -1,0 +1,319 @@
+"""End-to-end tests of ``deploy`` on three real SSH hosts: releases, cleanup, health checks,
+dry runs, deploy locks, host keys and unreachable hosts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from conftest import TestProject, fetch_release, wait_for_release
+from support import SshHost
+
+from fraisier.release import new_release_id
+
+pytestmark = pytest.mark.ssh
+
+
+def hosts_by_name(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return the host entries of one run of the ``--json`` summary, by host name."""
+    return {entry["host"]: entry for entry in run["hosts"]}
+
+
+def dead_pid() -> int:
+    """Return the pid of a process of this machine that has exited and been reaped."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def write_lock(project: TestProject, host: SshHost, holder: dict[str, Any]) -> None:
+    """Create the deploy lock of ``hello`` on ``host`` by hand, owned by the deploy user."""
+    command = (
+        "mkdir -p {root}/.fraisier/lock && printf '%s\\n' '{body}' > {root}/.fraisier/lock/holder.json"
+    ).format(root=project.deploy_path(host), body=json.dumps(holder))
+    done = subprocess.run(host.ssh_args(command), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+
+
+def test_deploy_three_hosts(project: TestProject, testinfra_host: Any) -> None:
+    first = project.deploy().json()
+
+    assert len(first) == 1
+    run = first[0]
+    release = run["release"]
+    assert run["status"] == "success"
+    assert run["exit_code"] == 0
+    for host in project.hosts:
+        entry = hosts_by_name(run)[host.name]
+        assert entry["status"] == "success"
+        assert entry["previous_release"] is None
+        assert entry["final_release"] == release
+
+        remote = testinfra_host(host)
+        root = f"{host.deploy_root}/hello"
+        current = remote.file(f"{root}/current")
+        assert current.is_symlink
+        assert current.linked_to == f"{root}/releases/{release}"
+        assert remote.run(f"readlink {root}/current").stdout.strip() == f"releases/{release}"
+        assert remote.file(f"{root}/releases/{release}/app.py").is_file
+        revision = remote.file(f"{root}/releases/{release}/REVISION")
+        assert revision.is_file
+        assert revision.content_string.strip().startswith("path:")
+        assert remote.file(f"{root}/releases/{release}/.fraisier-state").content_string == (
+            "healthy\n"
+        )
+        log_link = remote.file(f"{root}/releases/{release}/log")
+        assert log_link.is_symlink
+        assert log_link.linked_to == f"{root}/shared/log"
+        assert remote.file(f"{root}/shared/log/app.log").is_file
+        assert not remote.file(f"{root}/.fraisier/lock").exists
+        assert fetch_release(host.address, project.port) == release
+
+    second = project.deploy().json()[0]
+
+    new_release = second["release"]
+    assert new_release != release
+    assert second["status"] == "success"
+    for host in project.hosts:
+        entry = hosts_by_name(second)[host.name]
+        assert entry["previous_release"] == release
+        assert entry["final_release"] == new_release
+        assert project.releases_on(host) == sorted([release, new_release])
+        assert project.current_on(host) == new_release
+        assert wait_for_release(host.address, project.port, new_release) == new_release
+
+
+def test_cleanup_keeps_two_releases(project: TestProject) -> None:
+    project.update(lambda data: data["fraises"]["hello"].update(keep_releases=2))
+
+    releases = [project.deployed_release() for _ in range(4)]
+
+    assert len(set(releases)) == 4
+    assert releases == sorted(releases), "release ids must sort in deploy order"
+    for host in project.hosts:
+        assert project.releases_on(host) == releases[-2:]
+        assert project.current_on(host) == releases[-1]
+        assert fetch_release(host.address, project.port) == releases[-1]
+
+
+def test_release_ids_sort_within_one_second() -> None:
+    earlier = dt.datetime(2030, 1, 1, 12, 0, 0, 100_000, tzinfo=dt.timezone.utc)
+    later = earlier + dt.timedelta(milliseconds=300)
+
+    first = new_release_id("ffffff" + "0" * 26, earlier)
+    second = new_release_id("000000" + "f" * 26, later)
+
+    assert first < second
+    assert first == "20300101120000100-ffffff"
+
+
+def test_health_failure_rolls_back(project: TestProject) -> None:
+    good = project.deployed_release()
+    project.use_source(project.source_copy("broken", marker="UNHEALTHY"))
+    project.update(
+        lambda data: data["fraises"]["hello"]["health_check"].update(retries=2, delay=0.2)
+    )
+
+    result = project.deploy(expect=1)
+
+    run = result.json()[0]
+    bad = run["release"]
+    assert run["status"] == "rolled_back"
+    assert "health check failed" in result.output
+    for host in project.hosts:
+        entry = hosts_by_name(run)[host.name]
+        assert entry["status"] == "rolled_back"
+        assert entry["previous_release"] == good
+        assert entry["final_release"] == good
+        assert "health check failed" in entry["error"]
+        assert project.current_on(host) == good
+        assert project.state_of(host, bad) == "failed"
+        assert project.state_of(host, good) == "healthy"
+        assert wait_for_release(host.address, project.port, good) == good
+
+
+def test_first_deploy_unhealthy(project: TestProject) -> None:
+    project.use_source(project.source_copy("broken", marker="UNHEALTHY"))
+    project.update(
+        lambda data: data["fraises"]["hello"]["health_check"].update(retries=1, delay=0.2)
+    )
+
+    result = project.deploy(expect=1)
+
+    run = result.json()[0]
+    assert run["status"] == "failed"
+    for host in project.hosts:
+        entry = hosts_by_name(run)[host.name]
+        assert entry["status"] == "failed"
+        assert entry["previous_release"] is None
+        assert "nothing to roll back to" in entry["error"]
+        assert "no release was current before this run" in entry["error"]
+        assert project.state_of(host, run["release"]) == "failed"
+
+
+def test_dry_run_changes_nothing(project: TestProject) -> None:
+    release = project.deployed_release()
+
+    result = project.fraisier("deploy", "--dry-run")
+
+    assert result.returncode == 0, str(result)
+    assert "Dry run: nothing was changed on any host." in result.stdout
+    assert "fraise hello (api, recipe api.yaml) to 3 host(s) of test" in result.stdout
+    assert "switch: [built-in switch]" in result.stdout
+    for host in project.hosts:
+        assert f"{host.name}: current release {release}, 1 release(s) on disk" in result.stdout
+        assert project.releases_on(host) == [release]
+        assert project.current_on(host) == release
+        assert not (project.deploy_path(host) / ".fraisier" / "lock").exists()
+
+
+def test_dry_run_json_plan(project: TestProject) -> None:
+    result = project.fraisier("deploy", "--dry-run", "--json")
+
+    assert result.returncode == 0, str(result)
+    payload = result.json()
+    assert payload["dry_run"] is True
+    plan = "\n".join(payload["plan"][0])
+    for host in project.hosts:
+        assert f"{host.name}: current release none, 0 release(s) on disk" in plan
+        assert not project.deploy_path(host).exists()
+
+
+def test_lock_held_by_other_run(project: TestProject) -> None:
+    release = project.deployed_release()
+    locked = project.hosts[1]
+    holder = {
+        "run_id": "feedfacefeedfacefeedfacefeedface",
+        "user": "alice",
+        "controller": "other-controller.example",
+        "pid": 4242,
+        "since": "2030-01-01T00:00:00+00:00",
+        "environment": "test",
+        "fraise": "hello",
+    }
+    write_lock(project, locked, holder)
+
+    result = project.deploy(expect=4)
+
+    assert f"deploy lock on {locked.name} is held by run {holder['run_id']}" in result.output
+    assert "by alice on other-controller.example (pid 4242)" in result.output
+    entry = hosts_by_name(result.json()[0])[locked.name]
+    assert entry["final_release"] == release
+    assert project.current_on(locked) == release
+    lock_file = project.deploy_path(locked) / ".fraisier" / "lock" / "holder.json"
+    assert json.loads(lock_file.read_text())["run_id"] == holder["run_id"]
+
+
+def test_stale_lock_and_unlock(project: TestProject) -> None:
+    release = project.deployed_release()
+    locked = project.hosts[0]
+    holder = {
+        "run_id": "deaddeaddeaddeaddeaddeaddeaddead",
+        "user": "bob",
+        "controller": socket.gethostname(),
+        "pid": dead_pid(),
+        "since": "2030-01-01T00:00:00+00:00",
+        "environment": "test",
+        "fraise": "hello",
+    }
+    write_lock(project, locked, holder)
+
+    result = project.deploy(expect=4)
+
+    assert f"stale deploy lock on {locked.name}" in result.output
+    assert f"its process {holder['pid']} no longer runs on this controller" in result.output
+    assert f"inv unlock --env test --fraise hello --host {locked.name}" in result.output
+    assert project.current_on(locked) == release
+
+    unlocked = project.fraisier("unlock", "--fraise", "hello", "--host", locked.name)
+
+    assert unlocked.returncode == 0, str(unlocked)
+    assert f"{locked.name}: removed lock" in unlocked.stdout
+    assert holder["run_id"] in unlocked.stdout
+    assert not (project.deploy_path(locked) / ".fraisier" / "lock").exists()
+    assert project.deployed_release() != release
+
+
+def test_unknown_host_key_fails_host(project: TestProject) -> None:
+    unknown = project.hosts[2]
+    known = [h for h in project.hosts if h is not unknown]
+    project.known_hosts.write_text("".join(f"{h.known_hosts_line}\n" for h in known))
+    project.update(lambda data: data["settings"].update(max_fail_percentage=50))
+    fingerprint = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", f"{unknown.workdir}/ssh_host_ed25519_key.pub"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[1]
+
+    result = project.deploy(expect=1)
+
+    run = result.json()[0]
+    entry = hosts_by_name(run)[unknown.name]
+    assert entry["status"] == "failed"
+    assert entry["final_release"] is None
+    assert f"host key of {unknown.name}" in entry["error"]
+    assert f"ssh-ed25519 {fingerprint}" in result.output
+    assert list((project.deploy_path(unknown).parent).iterdir()) == []
+    for host in known:
+        assert hosts_by_name(run)[host.name]["status"] == "success"
+        assert project.current_on(host) == run["release"]
+
+
+def test_accept_new_adds_host_key(project: TestProject) -> None:
+    project.known_hosts.write_text("")
+    project.update(lambda data: data["settings"].update(host_key_checking="accept-new"))
+
+    release = project.deployed_release()
+
+    lines = project.known_hosts.read_text().splitlines()
+    assert len(lines) == 3
+    for host in project.hosts:
+        key = host.known_hosts_line.split()[1:]
+        assert any(line.split()[1:] == key for line in lines), lines
+        assert project.current_on(host) == release
+    # The second run trusts the saved keys under strict checking.
+    project.update(lambda data: data["settings"].update(host_key_checking="strict"))
+    assert project.deployed_release() != release
+
+
+def test_host_down_others_deployed(project: TestProject) -> None:
+    down = project.hosts[1]
+    project.update(lambda data: data["settings"].update(max_fail_percentage=50))
+    down.stop()
+
+    result = project.deploy(expect=1)
+
+    run = result.json()[0]
+    entry = hosts_by_name(run)[down.name]
+    assert entry["status"] == "unreachable"
+    assert down.address in entry["error"] or down.name in entry["error"]
+    for host in project.hosts:
+        if host is not down:
+            assert hosts_by_name(run)[host.name]["status"] == "success"
+            assert project.current_on(host) == run["release"]
+
+
+def test_host_down_rolls_back_others(project: TestProject) -> None:
+    release = project.deployed_release()
+    down = project.hosts[0]
+    down.stop()
+
+    result = project.deploy(expect=1)
+
+    run = result.json()[0]
+    assert hosts_by_name(run)[down.name]["status"] == "unreachable"
+    for host in project.hosts:
+        if host is down:
+            continue
+        entry = hosts_by_name(run)[host.name]
+        assert entry["status"] == "rolled_back"
+        assert entry["final_release"] == release
+        assert project.current_on(host) == release
+        assert project.state_of(host, run["release"]) == "failed"
+        assert wait_for_release(host.address, project.port, release) == release
