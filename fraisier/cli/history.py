@@ -222,6 +222,7 @@ def show(c: Context, run_id: str, env: str | None = None, json: bool = False) ->
     if json:
         print(to_json(detail))
         return
+
     run = detail.run
     print(
         f"run {run.run_id}: {run.task} of {run.fraise} to {run.environment}, {run.status}"
@@ -237,12 +238,14 @@ def show(c: Context, run_id: str, env: str | None = None, json: bool = False) ->
         print(f"  rollback reason: {run.rollback_reason}")
     if run.push_error:
         print(f"  metrics push failed: {run.push_error}")
+
     print()
     host_rows = [
         [h.host, h.status, h.previous_release, h.new_release, h.final_release, h.error_code]
         for h in detail.hosts
     ]
     print(format_table(("HOST", "STATUS", "PREVIOUS", "NEW", "FINAL", "ERROR"), host_rows))
+
     print()
     step_rows = [
         [s.host, s.position, s.name, s.status, s.attempts, s.exit_status, f"{s.duration:.2f}s",
@@ -254,6 +257,7 @@ def show(c: Context, run_id: str, env: str | None = None, json: bool = False) ->
             ("HOST", "#", "STEP", "STATUS", "ATTEMPTS", "EXIT", "DURATION", "ERROR"), step_rows
         )
     )
+
     if detail.events:
         print()
         event_rows = [

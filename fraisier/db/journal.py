@@ -93,7 +93,7 @@ class Journal:
             return 0
 
     def has_pending(self) -> bool:
-        """Tell whether the journal holds any record, without reading it."""
+        """Tell whether the journal contains any record, without reading it."""
         try:
             return self.path.stat().st_size > 0
         except FileNotFoundError:

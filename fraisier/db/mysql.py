@@ -11,10 +11,10 @@ import pymysql
 from fraisier.db.sqlstore import UTC, LockSession, SQLRunStore, describe_error, lock_digest, log
 from fraisier.errors import DatabaseError
 
-# Server and client error codes that a reconnect or retry may fix: 1040 too many connections,
-# 1053 server shutdown, 1205 lock wait timeout, 1213 deadlock, 1927 connection killed
-# (MariaDB), 2003 cannot connect, 2006 server gone away, 2013 lost connection, 2055 lost
-# connection during a query, 4031 disconnected by the server (MySQL 8).
+# Server and client error codes that a reconnect or retry may fix. They are 1040 too many
+# connections, 1053 server shutdown, 1205 lock wait timeout, 1213 deadlock, 1927 connection
+# killed (MariaDB), 2003 cannot connect, 2006 server gone away, 2013 and 2055 lost connection,
+# and 4031 disconnected by the server (MySQL 8).
 _TRANSIENT_CODES = frozenset({1040, 1053, 1205, 1213, 1927, 2003, 2006, 2013, 2055, 4031})
 # 1050 table exists, 1060 duplicate column, 1061 duplicate key name: left by a migration whose
 # earlier try committed some of its DDL statements.

@@ -36,7 +36,8 @@ def redact_record(record: Record) -> Record:
 class Recorder:
     """Writes run records to the run store and journals the ones that cannot be written.
 
-    ``save_run``, ``save_host``, ``save_step`` and ``save_event`` never raise. Once one record
+    ``save_run``, ``save_host``, ``save_step`` and ``save_event`` raise no Exception; only
+    KeyboardInterrupt and SystemExit pass through. Once one record
     is journaled, later records are journaled too, so that they reach the store in order. The
     journal is replayed by ``replay()``, and by a save once ``retry_interval`` seconds have
     passed since the last failure. Every string is redacted before it is written anywhere.

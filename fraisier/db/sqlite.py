@@ -68,8 +68,8 @@ class SQLiteRunStore(SQLRunStore):
         )
 
     def _begin(self, cursor: Any, write: bool) -> None:
-        # IMMEDIATE takes the write lock at once, so a write transaction never fails halfway
-        # on a lock upgrade; busy_timeout makes it wait for another writer.
+        # IMMEDIATE takes the write lock at BEGIN, so a write transaction cannot get
+        # SQLITE_BUSY later when it upgrades a read lock. busy_timeout makes BEGIN wait.
         cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
     def _to_db_time(self, value: dt.datetime) -> str:

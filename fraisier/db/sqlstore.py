@@ -1,8 +1,9 @@
 """The SQL run store that the SQLite, PostgreSQL and MySQL drivers share.
 
-The drivers supply the connection, the error classification, the upsert syntax, the timestamp
-conversion and the deploy lock primitive; this module holds the queries, the retry loop and the
-migration runner. SQL is written with ``?`` placeholders and converted to the driver's style.
+Each driver supplies the connection, the error classification, the upsert syntax, the
+timestamp conversion and the deploy lock primitive. This module contains the queries, the retry
+loop and the migration runner. SQL is written with ``?`` placeholders and converted to the
+driver's style.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ STATS_LIMIT = 10000
 def clean_text(value: str) -> str:
     """Make a string storable in all three databases.
 
-    PostgreSQL rejects NUL characters, so NUL becomes U+FFFD everywhere; lone surrogates, which
+    PostgreSQL rejects NUL characters, so NUL becomes U+FFFD everywhere. Lone surrogates, which
     no UTF-8 database accepts, become ``?``. Every other character is stored unchanged.
     """
     if "\x00" in value:
@@ -160,7 +161,7 @@ class SQLRunStore(RunStore):
         """Release the deploy lock if ``session.held``, then close the session."""
 
     def _begin(self, cursor: Any, write: bool) -> None:
-        """Start a transaction; DB-API drivers start one implicitly, SQLite overrides this."""
+        """Start a transaction. DB-API drivers start one implicitly, so only SQLite overrides this."""
 
     def _lock_migrations(self, cursor: Any) -> None:
         """Serialize concurrent migrations for the rest of the transaction."""
@@ -199,7 +200,7 @@ class SQLRunStore(RunStore):
             return
         try:
             conn.close()
-        except Exception as exc:  # the connection is broken already; closing is best effort
+        except Exception as exc:  # the connection is broken already, so closing is best effort
             log.debug("closing a broken connection to %s failed: %s", self.url, exc)
 
     def _sql(self, text: str) -> str:
@@ -276,7 +277,7 @@ class SQLRunStore(RunStore):
         )
 
     def close(self) -> None:
-        """Close the query connection; the store cannot be used afterwards."""
+        """Close the query connection. The store cannot be used afterwards."""
         with self._mutex:
             self._closed = True
             self._drop_connection()
@@ -422,7 +423,7 @@ class SQLRunStore(RunStore):
         self._execute(lambda cur: self._run(cur, sql, params), write=True, what="saving a step")
 
     def save_event(self, event: AuditEvent) -> None:
-        """Insert an audit event; saving the same event twice stores it once."""
+        """Insert an audit event. Saving the same event twice stores it once."""
         detail = json.dumps(event.detail, ensure_ascii=False, sort_keys=True, default=str)
         values = {
             "event_key": event_key(event),
@@ -566,7 +567,7 @@ class SQLRunStore(RunStore):
         )
         releases = []
         for fraise, host, final, new, previous, status, run_id, at in rows:
-            # final_release is the release left on the host; older writers may only have set
+            # final_release is the release left on the host. A writer that did not set it has
             # new_release (on success) or previous_release (on failure before the switch).
             release = final or (new if status == "success" else previous) or new
             releases.append(
@@ -606,6 +607,7 @@ class SQLRunStore(RunStore):
                 f"SELECT r.status, COUNT(*) FROM runs r WHERE {pair} AND r.task = 'deploy' "
                 "GROUP BY r.status",
             )
+
             host_errors = counts(
                 cursor,
                 "SELECT h.error_code, COUNT(*) FROM run_hosts h JOIN runs r "
@@ -619,6 +621,7 @@ class SQLRunStore(RunStore):
                 "WHERE h.run_id = r.run_id AND h.error_code IS NOT NULL) GROUP BY r.error_code",
             )
             stats.errors_by_code = _merge_counts(host_errors, run_errors)
+
             reasons = counts(
                 cursor,
                 f"SELECT r.rollback_reason, COUNT(*) FROM runs r WHERE {pair} "
@@ -630,6 +633,7 @@ class SQLRunStore(RunStore):
                 "AND r.rollback_reason IS NULL",
             )
             stats.rollbacks_by_reason = _merge_counts(reasons, manual)
+
             row = self._run(
                 cursor,
                 f"SELECT MAX(r.ended_at) FROM runs r WHERE {pair} AND r.task = 'deploy' "
@@ -637,6 +641,7 @@ class SQLRunStore(RunStore):
                 key,
             ).fetchone()
             stats.last_success_at = self._value("ended_at", row[0] if row else None)
+
             row = self._run(
                 cursor,
                 f"SELECT {', '.join('r.' + c for c in RUN_COLUMNS)} FROM runs r WHERE {pair} "
@@ -644,24 +649,28 @@ class SQLRunStore(RunStore):
                 key,
             ).fetchone()
             stats.last_run = self._record(RunRecord, RUN_COLUMNS, row) if row else None
+
             stats.run_durations = durations(
                 cursor,
                 f"SELECT r.started_at, r.ended_at FROM runs r WHERE {pair} "
                 "AND r.task = 'deploy' AND r.ended_at IS NOT NULL "
                 "ORDER BY r.started_at DESC LIMIT ?",
             )
+
             stats.health_check_durations = durations(
                 cursor,
                 "SELECT s.started_at, s.ended_at FROM run_steps s JOIN runs r "
                 f"ON r.run_id = s.run_id WHERE {pair} AND s.name = 'health_check' "
                 "ORDER BY s.started_at DESC LIMIT ?",
             )
+
             row = self._run(
                 cursor,
                 f"SELECT COUNT(*) FROM runs r WHERE {pair} AND r.status = 'running'",
                 key,
             ).fetchone()
             stats.active_runs = int(row[0]) if row else 0
+
             return stats
 
         return self._execute(work, write=False, what="computing run statistics")
@@ -750,8 +759,8 @@ class SQLRunStore(RunStore):
 
     def _lock_held_error(self, environment: str, fraise: str, waited: float) -> LockHeldError:
         holder = None
-        # The holder writes its row just after taking the lock, so a loser of a close race
-        # may look before the row exists; it looks again for up to HOLDER_ROW_WAIT seconds.
+        # The holder writes its row just after taking the lock, so the loser of a close race
+        # may read before the row exists. It reads again for up to HOLDER_ROW_WAIT seconds.
         deadline = time.monotonic() + HOLDER_ROW_WAIT
         while holder is None:
             try:

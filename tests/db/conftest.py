@@ -78,7 +78,7 @@ class DatabaseFactory:
         return _with_database(server, name)
 
     def store(self, dialect: str, migrate: bool = True) -> SQLRunStore:
-        """Open a store on a new database, migrated to the latest version unless told not to."""
+        """Open a store on a new database, migrated to the latest version if ``migrate``."""
         store = open_store(self.url(dialect))
         assert isinstance(store, SQLRunStore)
         self.stores.append(store)
@@ -163,7 +163,7 @@ def running_postgres(private_postgres: PrivatePostgres) -> PrivatePostgres:
     try:
         private_postgres.start()
     except RuntimeError as exc:
-        # pg_ctl start fails when the server is already running; then the port answers.
+        # pg_ctl start fails when the server is already running, which is fine here.
         if "already running" not in str(exc) and "another server" not in str(exc):
             raise
     return private_postgres

@@ -138,3 +138,13 @@ def test_open_store_chooses_driver():
     assert type(open_store("sqlite:////tmp/x.db")).__name__ == "SQLiteRunStore"
     assert type(open_store("postgres://u@h/db")).__name__ == "PostgresRunStore"
     assert type(open_store("mysql://u@h/db")).__name__ == "MySQLRunStore"
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://deploy:Hunter2-secret@h/db", "mysql://deploy:Hunter2-secret@h/db"]
+)
+def test_store_repr_hides_password(url):
+    store = open_store(url)
+
+    assert "Hunter2-secret" not in repr(store)
+    assert "deploy:***@h" in repr(store)
