@@ -138,10 +138,14 @@ class SSHTransport(Transport):
                 stdout, stderr, exit_status, _ = self._read_until_end(channel, token, deadline)
             except DeploymentTimeoutError as exc:
                 self._abandon_shell()
-                self._kill_remote(exc.context.pop("_pid", None))
+                killed = self._kill_remote(exc.context.pop("_pid", None))
                 raise DeploymentTimeoutError(
                     f"command timed out after {timeout:g}s on {self.name}"
-                    + ("" if exc.context.get("killed") is False else " and was killed"),
+                    + (
+                        " and was killed"
+                        if killed
+                        else "; killing it failed, so it may still run on the host"
+                    ),
                     context=self._context,
                 ) from None
             except FraisierError:
@@ -216,10 +220,10 @@ class SSHTransport(Transport):
             except Exception:
                 log.debug("closing the shell channel on %s failed", self.name, exc_info=True)
 
-    def _kill_remote(self, pid: int | None) -> None:
-        """Kill a timed-out command's process group over a fresh exec channel, if the host answers."""
+    def _kill_remote(self, pid: int | None) -> bool:
+        """Kill a timed-out command's process group over a fresh exec channel; return success."""
         if pid is None or self.connection is None:
-            return
+            return False
         command = (
             f"kill -TERM -- -{pid} 2>/dev/null; sleep 1; kill -KILL -- -{pid} 2>/dev/null; true"
         )
@@ -228,14 +232,27 @@ class SSHTransport(Transport):
             try:
                 channel.settimeout(KILL_TIMEOUT)
                 channel.exec_command(command)
-                channel.recv_exit_status()
+                # recv_exit_status() has no timeout and would hang on a host that stops
+                # answering after the channel opened.
+                if not channel.status_event.wait(KILL_TIMEOUT):
+                    raise TimeoutError(f"no exit status from kill within {KILL_TIMEOUT:g}s")
             finally:
                 channel.close()
             log.info("killed process group %s of a timed-out command on %s", pid, self.name)
+            return True
         except Exception as exc:
+            # The connection no longer opens channels, for example because the host's sshd
+            # is stopped or frozen. Dropping it makes the next command (marking the release
+            # failed, rolling back, releasing the lock) reconnect instead of waiting again.
             log.warning(
-                "could not kill process group %s on %s after a timeout: %s", pid, self.name, exc
+                "could not kill process group %s on %s after a timeout: %s; closing the "
+                "connection so that the next command reconnects",
+                pid,
+                self.name,
+                exc,
             )
+            self.close()
+            return False
 
     def put(self, local_path: Path, remote_path: str, *, timeout: float) -> None:
         if self.connection is None:
