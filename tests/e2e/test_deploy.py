@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import pytest
+import yaml
 from conftest import TestProject, fetch_release, wait_for_release
 from support import SshHost
 
@@ -317,3 +318,54 @@ def test_host_down_rolls_back_others(project: TestProject) -> None:
         assert project.current_on(host) == release
         assert project.state_of(host, run["release"]) == "failed"
         assert wait_for_release(host.address, project.port, release) == release
+
+
+def test_variable_precedence_in_plan(project: TestProject) -> None:
+    recipes = project.root / "recipes"
+    recipes.mkdir()
+    (recipes / "api.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "vars": {name: "recipe" for name in ("v1", "v2", "v3", "v4", "v5")},
+                "steps": [
+                    "fetch",
+                    {"name": "show", "run": "echo {{ v1 }} {{ v2 }} {{ v3 }} {{ v4 }} {{ v5 }}"},
+                    "switch",
+                ],
+            }
+        )
+    )
+    first, second, third = project.hosts
+
+    def change(data: dict[str, Any]) -> None:
+        data["settings"]["recipes_dir"] = str(recipes)
+        data["vars"].update(v2="env", v3="env", v4="env", v5="env")
+        data["fraises"]["hello"]["vars"] = {"v3": "fraise", "v4": "fraise", "v5": "fraise"}
+        data["groups"] = {
+            "early": {"hosts": [first.name, second.name], "vars": {"v4": "early", "v5": "early"}},
+            "web": data["groups"]["web"],
+            "late": {"hosts": [first.name], "vars": {"v4": "late", "v5": "late"}},
+        }
+        data["hosts"][first.name]["vars"]["v5"] = "host"
+
+    project.update(change)
+
+    result = project.fraisier("deploy", "--dry-run")
+
+    assert result.returncode == 0, str(result)
+    commands = [line.strip() for line in result.stdout.splitlines() if "show: " in line]
+    assert commands == [
+        "show: echo recipe env fraise late host",
+        "show: echo recipe env fraise early early",
+        "show: echo recipe env fraise fraise fraise",
+    ], f"hosts in order {first.name}, {second.name}, {third.name}:\n{result.stdout}"
+
+
+def test_run_variable_cannot_be_overridden(project: TestProject) -> None:
+    project.update(lambda data: data["fraises"]["hello"].update(vars={"release_id": "mine"}))
+
+    result = project.fraisier("deploy")
+
+    assert result.returncode == 2, str(result)
+    assert "'fraises.hello.vars.release_id' is set by Fraisier for each run" in result.stderr
+    assert "choose another variable name" in result.stderr
