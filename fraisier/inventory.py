@@ -495,7 +495,8 @@ def _read_settings(section: _Section, base: Settings) -> Settings:
             values[name] = s.int(name, None, low, high)
     for name, low, high in (
         ("max_fail_percentage", 0, 100),
-        ("connect_timeout", 0.1, 600),
+        # Fabric truncates the connect timeout to whole seconds, and 0 means no timeout at all.
+        ("connect_timeout", 1, 600),
         ("command_timeout", 0.1, 86400),
         ("retry_delay", 0, 3600),
         ("retry_backoff", 1, 10),
