@@ -334,6 +334,11 @@ CHANGES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "'settings.host_key_checking' must be one of strict, accept-new (got 'no')",
     ),
     (
+        "connect_timeout",
+        lambda data: data["settings"].update(connect_timeout=0.5),
+        "'settings.connect_timeout' must be a number from 1 to 600 (got 0.5)",
+    ),
+    (
         "fraise hosts",
         lambda data: data["fraises"]["hello"].update(hosts=["db"]),
         "'fraises.hello.hosts' names 'db', which is neither a host nor a group",
