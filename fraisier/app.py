@@ -20,6 +20,7 @@ from fraisier.interrupt import Interrupt
 from fraisier.inventory import Inventory, find_inventory, load_inventory
 from fraisier.logging import log_context
 from fraisier.runner import FraiseRun, RunOptions, RunResult, RunServices, run_workdir
+from fraisier.tracing import configure_tracing, run_span, shutdown_tracing
 
 log = logging.getLogger("fraisier.app")
 
@@ -260,7 +261,9 @@ def run_task(
         FraiseRun(inv, f, task=task, options=options, services=RunServices(), interrupt=interrupt)
         for f in fraises
     ]
-    with interrupt.installed():
+    configure_tracing(inv.settings.otlp_endpoint)
+    with interrupt.installed(), contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutdown_tracing)
         if options.dry_run:
             for fraise_run in runs:
                 results.append(fraise_run.deploy(Path(".")))
@@ -271,10 +274,13 @@ def run_task(
                 if interrupt.is_set:
                     break
                 fraise_run.services = backend.services
-                with log_context(
-                    run_id=fraise_run.run_id,
-                    environment=inv.environment,
-                    fraise=fraise_run.fraise.name,
+                with (
+                    log_context(
+                        run_id=fraise_run.run_id,
+                        environment=inv.environment,
+                        fraise=fraise_run.fraise.name,
+                    ),
+                    run_span(fraise_run.run_id, inv.environment, fraise_run.fraise.name, task=task),
                 ):
                     if task == "deploy":
                         results.append(fraise_run.deploy(Path(workdir)))

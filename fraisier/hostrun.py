@@ -23,6 +23,7 @@ from fraisier.recipes import Recipe, Step
 from fraisier.records import HostRecord, StepRecord, tail, utc_now
 from fraisier.release import HostState, ReleasePaths, releases_to_remove
 from fraisier.sources import Artifact
+from fraisier.tracing import host_span, step_span
 from fraisier.transport.base import CommandResult, Transport
 from fraisier.validation import render, render_plain
 
@@ -135,6 +136,11 @@ class HostDeployer:
 
     def deploy(self, hostrun: HostRun) -> None:
         """Run every step on the host; on failure, roll back the host when it was switched."""
+        with host_span(hostrun.host.name, **{"fraisier.release_id": self.release_id}) as span:
+            self._deploy(hostrun)
+            span.set_attribute("fraisier.host_status", hostrun.record.status)
+
+    def _deploy(self, hostrun: HostRun) -> None:
         record = hostrun.record
         record.status = "running"
         record.started_at = utc_now()
@@ -219,7 +225,8 @@ class HostDeployer:
         while True:
             attempts += 1
             try:
-                result = self._execute(hostrun, step)
+                with step_span(step.name, attempts):
+                    result = self._execute(hostrun, step)
                 break
             except FraisierError as exc:
                 retryable = exc.recoverable or isinstance(exc, CommandFailedError)
