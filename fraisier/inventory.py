@@ -453,6 +453,12 @@ def load_inventory(path: Path, environment: str | None = None) -> Inventory:
         )
 
     settings = _read_settings(top.section("settings", SETTING_KEYS), Settings())
+    if settings.known_hosts and not Path(settings.known_hosts).expanduser().is_absolute():
+        # Like recipes_dir and a SQLite database, a relative known_hosts is in the project.
+        project_root = path.resolve().parent.parent
+        settings = dataclasses.replace(
+            settings, known_hosts=str(project_root / settings.known_hosts)
+        )
     env_vars = top.vars("vars")
     hosts = _read_hosts(top.section("hosts", None), path)
     groups, group_vars = _read_groups(top.section("groups", None), hosts, path)
