@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import TestProject, fetch_release, wait_for_release
+from conftest import TestProject, fetch_release, run_fraisier, wait_for_release
 from support import SshHost
 
 from fraisier.release import new_release_id
@@ -369,3 +369,24 @@ def test_run_variable_cannot_be_overridden(project: TestProject) -> None:
     assert result.returncode == 2, str(result)
     assert "'fraises.hello.vars.release_id' is set by Fraisier for each run" in result.stderr
     assert "choose another variable name" in result.stderr
+
+
+def test_relative_known_hosts_from_project(project: TestProject) -> None:
+    project.update(lambda data: data["settings"].update(known_hosts="known_hosts"))
+    elsewhere = project.root / "elsewhere"
+    elsewhere.mkdir()
+
+    result = run_fraisier(
+        elsewhere,
+        "deploy",
+        "--json",
+        "--env",
+        "test",
+        "--inventory",
+        str(project.inventory),
+    )
+
+    assert result.returncode == 0, str(result)
+    for host in project.hosts:
+        assert project.current_on(host) == result.json()[0]["release"]
+    assert not (elsewhere / "known_hosts").exists()
