@@ -34,11 +34,11 @@ MAX_CELL = 60
 
 def find_project_root(start: Path | None = None) -> Path:
     """Return the nearest directory from ``start`` upward that has ``inventories/``, else cwd."""
-    here = (start or Path.cwd()).absolute()
-    for directory in (here, *here.parents):
+    start_dir = (start or Path.cwd()).absolute()
+    for directory in (start_dir, *start_dir.parents):
         if (directory / "inventories").is_dir():
             return directory
-    return here
+    return start_dir
 
 
 def inventory_database_setting(project_root: Path, env: str | None) -> str | None:

@@ -161,7 +161,7 @@ class Recorder:
                 self._recovered()
             except DatabaseError as exc:
                 self._append(record, exc)
-            except Exception as exc:  # save_* never raise: journal whatever the store did
+            except Exception as exc:  # journal the record whatever the store raised
                 log.error(
                     "recording a %s failed unexpectedly; journaling it",
                     type(record).__name__,
