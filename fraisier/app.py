@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fraisier.errors import ConfigurationError, ExitCode, FraisierError
+from fraisier.errors import ConfigurationError, ExitCode, FraisierError, SchemaVersionError
 from fraisier.interrupt import Interrupt
 from fraisier.inventory import Inventory, find_inventory, load_inventory
 from fraisier.logging import log_context
@@ -82,15 +82,34 @@ def backends(inventory: Inventory) -> Iterator[Backends]:
     def store_factory() -> Any:
         if state["store"] is None:
             store = open_store(url)
-            prepare_schema(store)
+            try:
+                prepare_schema(store)
+            except BaseException:
+                store.close()
+                raise
             state["store"] = store
         return state["store"]
+
+    try:
+        store_factory()
+    except SchemaVersionError:
+        # An old or too new schema stops the run before any host is contacted.
+        raise
+    except FraisierError as exc:
+        log.warning(
+            "run database unavailable (%s): records go to the journal %s and are replayed by "
+            "the next run or 'inv db.sync'",
+            exc.message,
+            journal,
+        )
 
     recorder = Recorder(store_factory, journal)
     try:
         replayed = recorder.replay()
         if replayed:
             log.info("replayed %d journaled record(s) into the run database", replayed)
+    except SchemaVersionError:
+        raise
     except FraisierError as exc:
         log.warning("journaled records not replayed yet: %s", exc.message)
 

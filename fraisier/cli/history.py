@@ -17,12 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
 from fraisier.db import RunStore, default_journal_path, open_store, resolve_database_url
 from fraisier.errors import ConfigurationError, ExitCode, FraisierError
+from fraisier.inventory import load_yaml
 from fraisier.records import RunRecord
 
 log = logging.getLogger("fraisier.cli.history")
@@ -33,12 +33,10 @@ MAX_CELL = 60
 
 
 def find_project_root(start: Path | None = None) -> Path:
-    """Return the nearest directory from ``start`` upward that has ``inventories/``, else cwd."""
-    start_dir = (start or Path.cwd()).absolute()
-    for directory in (start_dir, *start_dir.parents):
-        if (directory / "inventories").is_dir():
-            return directory
-    return start_dir
+    """Return the project root: ``FRAISIER_PROJECT``, else the nearest folder with ``inventories/``."""
+    from fraisier.app import find_project_root as find_root
+
+    return find_root(start)
 
 
 def inventory_database_setting(project_root: Path, env: str | None) -> str | None:
@@ -46,14 +44,12 @@ def inventory_database_setting(project_root: Path, env: str | None) -> str | Non
     if not env:
         return None
     path = project_root / "inventories" / f"{env}.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.is_file():
         raise ConfigurationError(
             f"inventory {path} not found; pass the name of a file in {path.parent} as --env"
-        ) from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigurationError(f"cannot read the inventory {path}: {exc}") from None
+        )
+    # The inventory loader's YAML reader understands the !secret and !env tags.
+    data = load_yaml(path)
     settings = data.get("settings") if isinstance(data, dict) else None
     if settings is None:
         return None
@@ -81,6 +77,9 @@ def _store(env: str | None, check_schema: bool = True) -> Iterator[tuple[RunStor
         raise _exit_for(exc) from None
     try:
         if check_schema:
+            # A database no run has used yet is created here, as a deploy would create it.
+            if store.schema_version() == 0:
+                store.migrate()
             store.check_schema()
         yield store, root
     except FraisierError as exc:
