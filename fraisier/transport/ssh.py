@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
@@ -58,16 +59,7 @@ class SSHTransport(Transport):
     def connect(self) -> None:
         from fabric import Connection
 
-        known_hosts = Path(self.settings.known_hosts or default_known_hosts()).expanduser()
-        client = paramiko.SSHClient()
-        if known_hosts.is_file():
-            client.load_host_keys(str(known_hosts))
-        policy_class = (
-            AcceptNewHostKey
-            if self.settings.host_key_checking == "accept-new"
-            else RejectUnknownHostKey
-        )
-        client.set_missing_host_key_policy(policy_class(known_hosts, self.name))
+        client = self._checked_client(self.name)
 
         connect_kwargs: dict[str, object] = {
             "banner_timeout": self.settings.connect_timeout,
@@ -83,13 +75,21 @@ class SSHTransport(Transport):
             connect_kwargs=connect_kwargs,
         )
         connection.client = client
+        # Fabric connects to a ProxyJump host from ~/.ssh/config with its own client, which
+        # accepts any host key, so each jump host gets a client that checks it like the host.
+        gateway = connection.gateway
+        while isinstance(gateway, Connection):
+            gateway.client = self._checked_client(f"jump host {gateway.host} of {self.name}")
+            gateway = gateway.gateway
         try:
             connection.open()
         except FraisierError as exc:
             client.close()
+            _close_gateways(connection)
             raise exc.with_context(**self._context) from None
         except Exception as exc:
             client.close()
+            _close_gateways(connection)
             raise translate_exception(exc, **self._context) from exc
         transport = connection.transport
         if self.settings.keepalive:
@@ -98,6 +98,20 @@ class SSHTransport(Transport):
         if isinstance(sock, socket.socket):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.connection = connection
+
+    def _checked_client(self, label: str) -> paramiko.SSHClient:
+        """Create an SSH client that checks host keys per the settings, naming ``label``."""
+        known_hosts = Path(self.settings.known_hosts or default_known_hosts()).expanduser()
+        client = paramiko.SSHClient()
+        if known_hosts.is_file():
+            client.load_host_keys(str(known_hosts))
+        policy_class = (
+            AcceptNewHostKey
+            if self.settings.host_key_checking == "accept-new"
+            else RejectUnknownHostKey
+        )
+        client.set_missing_host_key_policy(policy_class(known_hosts, label))
+        return client
 
     def _open_shell(self, timeout: float) -> paramiko.Channel:
         if self._shell is not None and not self._shell.closed:
@@ -282,6 +296,20 @@ class SSHTransport(Transport):
                 connection.close()
             except Exception:
                 log.debug("closing the connection to %s failed", self.name, exc_info=True)
+            _close_gateways(connection)
+
+
+def _close_gateways(connection: Any) -> None:
+    """Close the ProxyJump connections of ``connection``, which Fabric's close() leaves open."""
+    from fabric import Connection
+
+    gateway = connection.gateway
+    while isinstance(gateway, Connection):
+        try:
+            gateway.close()
+        except Exception:
+            log.debug("closing the jump host connection %s failed", gateway.host, exc_info=True)
+        gateway = gateway.gateway
 
 
 def _find_pid(stderr: bytes | bytearray, token: str) -> int | None:
