@@ -64,12 +64,17 @@ def cli_environment() -> dict[str, str]:
     return env
 
 
-def run_fraisier(cwd: Path, *args: str, timeout: float = CLI_TIMEOUT) -> CliResult:
-    """Run ``python -m fraisier ARGS`` in ``cwd`` and return its exit code and output."""
+def run_fraisier(
+    cwd: Path, *args: str, timeout: float = CLI_TIMEOUT, env: dict[str, str] | None = None
+) -> CliResult:
+    """Run ``python -m fraisier ARGS`` in ``cwd`` and return its exit code and output.
+
+    ``env`` adds or replaces environment variables of the process, such as ``HOME``.
+    """
     completed = subprocess.run(
         [sys.executable, "-m", "fraisier", *args],
         cwd=cwd,
-        env=cli_environment(),
+        env={**cli_environment(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -172,7 +177,9 @@ class TestProject:
 
         self.update(change)
 
-    def fraisier(self, *args: str, timeout: float = CLI_TIMEOUT) -> CliResult:
+    def fraisier(
+        self, *args: str, timeout: float = CLI_TIMEOUT, env: dict[str, str] | None = None
+    ) -> CliResult:
         """Run a task with ``--env test`` and ``--inventory`` set to this project's inventory."""
         return run_fraisier(
             self.root,
@@ -182,6 +189,7 @@ class TestProject:
             "--inventory",
             str(self.inventory),
             timeout=timeout,
+            env=env,
         )
 
     def deploy(self, *args: str, expect: int | None = 0) -> CliResult:

@@ -390,3 +390,42 @@ def test_relative_known_hosts_from_project(project: TestProject) -> None:
     for host in project.hosts:
         assert project.current_on(host) == result.json()[0]["release"]
     assert not (elsewhere / "known_hosts").exists()
+
+
+def write_ssh_config(project: TestProject, jump: SshHost, target: SshHost) -> dict[str, str]:
+    """Write a ``~/.ssh/config`` that reaches ``target`` through ``jump``; return ``HOME``."""
+    home = project.root / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "config").write_text(
+        f"Host {jump.address}\n"
+        f"  User {jump.user}\n"
+        f"  Port {jump.port}\n"
+        f"  IdentityFile {jump.identity_file}\n"
+        f"Host {target.address}\n"
+        f"  ProxyJump {jump.user}@{jump.address}:{jump.port}\n"
+    )
+    return {"HOME": str(home)}
+
+
+def test_proxy_jump_from_ssh_config(project: TestProject) -> None:
+    jump, _, target = project.hosts
+    env = write_ssh_config(project, jump, target)
+
+    result = project.fraisier("deploy", "--json", "--limit", target.name, env=env)
+
+    assert result.returncode == 0, str(result)
+    assert project.current_on(target) == result.json()[0]["release"]
+    assert project.current_on(jump) is None
+
+
+def test_proxy_jump_checks_jump_key(project: TestProject) -> None:
+    jump, _, target = project.hosts
+    env = write_ssh_config(project, jump, target)
+    project.known_hosts.write_text(f"{target.known_hosts_line}\n")
+
+    result = project.fraisier("deploy", "--json", "--limit", target.name, env=env)
+
+    assert result.returncode == 1, str(result)
+    assert "host key" in result.json()[0]["hosts"][0]["error"]
+    assert jump.address in result.json()[0]["hosts"][0]["error"]
+    assert project.current_on(target) is None
