@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -429,3 +430,21 @@ def test_proxy_jump_checks_jump_key(project: TestProject) -> None:
     assert "host key" in result.json()[0]["hosts"][0]["error"]
     assert jump.address in result.json()[0]["hosts"][0]["error"]
     assert project.current_on(target) is None
+
+
+def test_changed_host_key_rejected(project: TestProject) -> None:
+    changed = project.hosts[0]
+    others = project.hosts[1:]
+    wrong_line = Path(changed.wrong_known_hosts()).read_text()
+    project.known_hosts.write_text(wrong_line + "".join(f"{h.known_hosts_line}\n" for h in others))
+    project.update(
+        lambda data: data["settings"].update(host_key_checking="accept-new", max_fail_percentage=50)
+    )
+
+    result = project.deploy(expect=1)
+
+    entry = hosts_by_name(result.json()[0])[changed.name]
+    assert entry["status"] == "failed"
+    assert "host key" in entry["error"]
+    assert project.known_hosts.read_text().startswith(wrong_line)
+    assert list(project.deploy_path(changed).parent.iterdir()) == []
