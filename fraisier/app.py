@@ -19,6 +19,7 @@ from fraisier.errors import ConfigurationError, ExitCode, FraisierError, SchemaV
 from fraisier.interrupt import Interrupt
 from fraisier.inventory import Inventory, find_inventory, load_inventory
 from fraisier.logging import log_context
+from fraisier.redact import redact
 from fraisier.runner import FraiseRun, RunOptions, RunResult, RunServices, run_workdir
 from fraisier.tracing import configure_tracing, run_span, shutdown_tracing
 
@@ -320,6 +321,8 @@ def worst_exit_code(results: list[RunResult]) -> int:
 
 
 def print_plan(results: list[RunResult], output_json: bool) -> None:
+    for result in results:
+        result.plan = redact(result.plan)
     if output_json:
         print(json.dumps({"dry_run": True, "plan": [r.plan for r in results]}, indent=2))
         return
@@ -331,6 +334,11 @@ def print_plan(results: list[RunResult], output_json: bool) -> None:
 def print_summary(results: list[RunResult], output_json: bool, stream: Any = None) -> None:
     """Print which host is on which release, per fraise, and the run's status."""
     stream = stream or sys.stdout
+    # Error messages quote command output, which may contain secrets.
+    results = [
+        dataclasses.replace(r, hosts=[redact(dataclasses.replace(h)) for h in r.hosts])
+        for r in results
+    ]
     if output_json:
         payload = [
             {
