@@ -203,11 +203,19 @@ class Pushgateway(_Server):
             raise RuntimeError(f"GET {self.url}/api/v1/metrics returned HTTP {status}")
         return list(json.loads(body)["data"])
 
-    def wipe(self) -> None:
-        """Delete every pushed group through the admin API."""
+    def wipe(self, timeout: float = 5.0) -> None:
+        """Delete every pushed group through the admin API and wait until none is listed."""
         status, body = http_request(f"{self.url}/api/v1/admin/wipe", method="PUT")
         if status != 202:
             raise RuntimeError(f"PUT {self.url}/api/v1/admin/wipe returned HTTP {status}: {body!r}")
+        # The Pushgateway accepts the wipe (HTTP 202) and deletes the groups afterwards.
+        deadline = time.monotonic() + timeout
+        while self.groups():
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"the Pushgateway at {self.url} still listed groups {timeout} s after a wipe"
+                )
+            time.sleep(0.05)
 
 
 class Prometheus(_Server):
