@@ -1,6 +1,8 @@
-"""Fixtures of the monitoring tests: a real SQLite run store, recorded runs and gateway doubles.
+"""Helpers of the monitoring tests: a SQLite run store, recorded runs, sample lookups and
+an HTTP server with a fixed response.
 
-The Pushgateway and Prometheus fixtures come from tests/conftest.py.
+The test modules import this module by name, never ``conftest``, because every test folder
+has its own ``conftest`` module and Python keeps only one module of that name.
 """
 
 from __future__ import annotations
@@ -9,11 +11,8 @@ import dataclasses
 import datetime as dt
 import http.server
 import itertools
-import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fraisier.db.base import RunStats, RunStore
@@ -44,14 +43,6 @@ def open_test_store(path: Path) -> RunStore:
     run_store = SQLiteRunStore(parse_database_url(f"sqlite:///{path}"))
     run_store.migrate()
     return run_store
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[RunStore]:
-    """Open a migrated SQLite run store in ``tmp_path``; close it at teardown."""
-    run_store = open_test_store(tmp_path / "runs.sqlite")
-    yield run_store
-    run_store.close()
 
 
 class RunWriter:
@@ -124,12 +115,6 @@ class RunWriter:
         return RecordedRun(run, hosts, steps, stats)
 
 
-@pytest.fixture
-def record_run(store: RunStore) -> RunWriter:
-    """Return a RunWriter over the ``store`` fixture."""
-    return RunWriter(store)
-
-
 def parse_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
     """Parse text-format metrics into (sample name, labels, value) tuples."""
     samples = []
@@ -188,22 +173,10 @@ class StatusServer:
     requests: list[dict[str, str]]
 
 
-@pytest.fixture
-def status_server() -> Iterator[Callable[[int, bytes], StatusServer]]:
-    """Provide ``start(status, body)``, which starts a StatusServer on 127.0.0.1."""
-    servers: list[http.server.ThreadingHTTPServer] = []
-
-    def start(status: int, body: bytes) -> StatusServer:
-        requests: list[dict[str, str]] = []
-        handler = type(
-            "Handler", (_StatusHandler,), {"status": status, "body": body, "requests": requests}
-        )
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        servers.append(server)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return StatusServer(f"http://127.0.0.1:{server.server_address[1]}", requests)
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+def make_status_handler(
+    status: int, body: bytes, requests: list[dict[str, str]]
+) -> type[http.server.BaseHTTPRequestHandler]:
+    """Make a request handler class that returns ``status`` and ``body`` and logs requests."""
+    return type(
+        "StatusHandler", (_StatusHandler,), {"status": status, "body": body, "requests": requests}
+    )

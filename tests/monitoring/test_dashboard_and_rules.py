@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import MONITORING_DIR, REPO_ROOT
+from monitoring_helpers import MONITORING_DIR, REPO_ROOT
 from promql import (
     EXTERNAL_METRICS,
     alert_rules,

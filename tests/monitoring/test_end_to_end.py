@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import MONITORING_DIR, RunWriter, open_test_store
+from monitoring_helpers import MONITORING_DIR, RunWriter, open_test_store
 from promql import alert_rules, dashboard_expressions, substitute_variables
 from support import Prometheus, Pushgateway, free_port, http_request
 
@@ -285,5 +285,5 @@ def test_alerts_fire_in_prometheus(deploy_history):
     assert "FraisierPushStale" not in names
     assert "FraisierPushgatewayDown" not in names
     # FraisierDeployStuck waits 2 hours, so it is pending only.
-    pending = deploy_history.query('ALERTS{alertname="FraisierDeployStuck"}')
+    pending = deploy_history.wait_for('ALERTS{alertname="FraisierDeployStuck"}', timeout=20)
     assert {s["metric"]["alertstate"] for s in pending} == {"pending"}

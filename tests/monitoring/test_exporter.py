@@ -10,7 +10,11 @@ import threading
 import time
 
 import pytest
-from conftest import REPO_ROOT, parse_samples, sample_value
+from monitoring_helpers import (
+    REPO_ROOT,
+    parse_samples,
+    sample_value,
+)
 from support import free_port, http_request
 
 from fraisier import metrics

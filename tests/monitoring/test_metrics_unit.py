@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import RECIPE_STEPS, parse_samples, sample_value
+from monitoring_helpers import (
+    RECIPE_STEPS,
+    parse_samples,
+    sample_value,
+)
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 

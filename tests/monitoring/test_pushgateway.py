@@ -8,7 +8,10 @@ import socket
 import time
 
 import pytest
-from conftest import parse_samples, sample_value
+from monitoring_helpers import (
+    parse_samples,
+    sample_value,
+)
 from support import free_port, http_request
 
 from fraisier import metrics
