@@ -238,9 +238,9 @@ class SSHTransport(Transport):
         """Kill a timed-out command's process group over a fresh exec channel; return success."""
         if pid is None or self.connection is None:
             return False
-        command = (
-            f"kill -TERM -- -{pid} 2>/dev/null; sleep 1; kill -KILL -- -{pid} 2>/dev/null; true"
-        )
+        # dash, Debian's /bin/sh, rejects "kill -- -PID" with "Illegal number", so the group
+        # is named as "-PID" right after the signal.
+        command = f"kill -TERM -{pid} 2>/dev/null; sleep 1; kill -KILL -{pid} 2>/dev/null; true"
         try:
             channel = self.connection.transport.open_session(timeout=KILL_TIMEOUT)
             try:
