@@ -315,6 +315,14 @@ def translate_exception(exc: BaseException, **context: Any) -> FraisierError:
         return ConnectionLostError(
             f"connection to {host} lost: {detail}", code="channel_closed", context=context
         )
+    if isinstance(exc, paramiko.SSHException) and "protocol banner" in str(exc):
+        # Paramiko's banner_timeout ran out: sshd accepted the TCP connection and sent nothing.
+        return HostUnreachableError(
+            f"connecting to {host} timed out: sshd accepted the TCP connection but sent no SSH "
+            "banner; it may be hung or overloaded",
+            code="connect_timeout",
+            context=context,
+        )
     if isinstance(exc, paramiko.SSHException):
         return ConnectionLostError(f"SSH error on {host}: {detail}", context=context)
     if isinstance(exc, OSError):
