@@ -14,7 +14,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import queue
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -72,6 +74,48 @@ class NullRecorder:
 
     def save_event(self, event: AuditEvent) -> None:
         self.events.append(event)
+
+
+class RecordWriter:
+    """Hands host and step records to a recorder from one background thread, in order.
+
+    Host threads then never wait for a database commit. The SQLite store commits each record
+    with an fsync and the recorder takes one record at a time, so without this thread the
+    host threads of a large run queue behind each other's commits. Records still queued when
+    the process is killed are lost.
+    """
+
+    def __init__(self, recorder: Recorder) -> None:
+        self._recorder = recorder
+        self._queue: queue.SimpleQueue[tuple[Callable[[Any], None], Any] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._drain, name="fraisier-records", daemon=True)
+        self._thread.start()
+
+    def save_host(self, host: HostRecord) -> None:
+        """Queue a copy of ``host``, because its host thread goes on changing the record."""
+        self._queue.put((self._recorder.save_host, dataclasses.replace(host)))
+
+    def save_step(self, step: StepRecord) -> None:
+        """Queue a step record."""
+        self._queue.put((self._recorder.save_step, step))
+
+    def close(self) -> None:
+        """Write every queued record, then stop the writer thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            save, record = item
+            try:
+                save(record)
+            except Exception:  # a record that cannot be written must not stop the others
+                log.exception("recording a %s failed", type(record).__name__)
 
 
 @dataclasses.dataclass
@@ -173,6 +217,7 @@ class FraiseRun:
             fraise=fraise.name,
         )
         self.steps: list[StepRecord] = []
+        self._writer: RecordWriter | None = None
 
     # --- helpers shared by deploy and rollback ---------------------------------------------
 
@@ -181,7 +226,10 @@ class FraiseRun:
 
     def _save_step(self, step: StepRecord) -> None:
         self.steps.append(step)
-        self.services.recorder.save_step(step)
+        (self._writer or self.services.recorder).save_step(step)
+
+    def _save_host(self, host: HostRecord) -> None:
+        (self._writer or self.services.recorder).save_host(host)
 
     def _audit(self, kind: str, host: str | None = None, **detail: Any) -> None:
         event = AuditEvent(
@@ -280,7 +328,7 @@ class FraiseRun:
             artifact=artifact,
             holder=self.holder,
             transport_factory=factory,
-            save_host=self.services.recorder.save_host,
+            save_host=self._save_host,
             save_step=self._save_step,
             audit=self._audit,
             should_stop=self.interrupt,
@@ -370,6 +418,7 @@ class FraiseRun:
             extra={"event": "run_start"},
         )
 
+        self._writer = RecordWriter(self.services.recorder)
         deployer = self._deployer(release_id, artifact)
         hostruns = [
             HostRun(host=h, record=HostRecord(run_id=self.run_id, host=h.name)) for h in self.hosts
@@ -406,6 +455,8 @@ class FraiseRun:
             for hostrun in hostruns:
                 deployer.release_lock(hostrun)
                 deployer.close(hostrun)
+            writer, self._writer = self._writer, None
+            writer.close()
         return self._finish(run, hostruns, stopped_reason)
 
     def _run_batch(self, deployer: HostDeployer, batch: list[HostRun]) -> None:
