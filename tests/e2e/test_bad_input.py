@@ -356,3 +356,17 @@ def test_invalid_setting(
     result = bad.fraisier("deploy")
 
     assert_rejected(bad, result, str(bad.inventory), expected)
+
+
+def test_unknown_fraise(bad: BadProject) -> None:
+    result = bad.fraisier("deploy", "--fraise", "helo")
+
+    assert_rejected(bad, result, "fraise 'helo' not found", "known fraises: hello")
+
+
+def test_unknown_limit(bad: BadProject) -> None:
+    result = bad.fraisier("deploy", "--limit", "web9")
+
+    assert_rejected(
+        bad, result, "--limit: 'web9' is neither a host nor a group", "known: all, web1"
+    )
