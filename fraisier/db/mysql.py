@@ -105,6 +105,9 @@ class MySQLRunStore(SQLRunStore):
 
     def _unlock_migrations(self, cursor: Any) -> None:
         try:
+            # Commit before the lock goes, so that the next holder reads this version row.
+            # MySQL commits DDL statements on its own, so only that row can be pending here.
+            cursor.connection.commit()
             self._run(cursor, "SELECT RELEASE_LOCK(?)", (self._lock_name("migrations"),))
         except pymysql.err.MySQLError as exc:
             log.debug("releasing the migration lock on %s failed: %s", self.url, exc)
