@@ -159,6 +159,10 @@ def tools_for(scenario: Scenario, names: list[str], args: argparse.Namespace) ->
     return chosen
 
 
+def _load() -> str:
+    return " ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
 def machine_facts() -> dict[str, str]:
     """Describe the controller: cores, Python, OpenSSH, kernel."""
     ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True, check=False)
@@ -187,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         tool.install()
     versions = {name: tool.version() for name, tool in tools.items() if tool.version()}
 
+    load_start = _load()
     workdir = Path(tempfile.mkdtemp(prefix="fraisier-bench-"))
     workdir.chmod(0o711)
     lab = Lab(workdir)
@@ -233,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(output / "measurements.jsonl", "w") as raw:
         for item in measurements:
             raw.write(json.dumps(dataclasses.asdict(item)) + "\n")
-    summary = summarize(measurements, machine_facts(), versions, args.rounds)
+    facts = machine_facts()
+    facts["load_start"], facts["load_end"] = load_start, _load()
+    summary = summarize(measurements, facts, versions, args.rounds)
     (output / "summary.md").write_text(summary)
     print(summary)
     failed = [m for m in measurements if m.error]
