@@ -199,13 +199,10 @@ class Lab:
             "console",
             *extra,
         ]
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        environment.pop("FRAISIER_PROJECT", None)
-        environment.pop("FRAISIER_DATABASE_URL", None)
         return subprocess.Popen(
             command,
             cwd=self.root,
-            env=environment,
+            env=_clean_environment(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -268,6 +265,20 @@ class Lab:
         path = Path(host.deploy_root, "hello", "releases", release, ".fraisier-state")
         return path.read_text().strip()
 
+    def show(self, run_id: str) -> dict[str, Any]:
+        """Return the output of the ``show RUN_ID --json`` task, run in the lab's project."""
+        result = subprocess.run(
+            [sys.executable, "-m", "fraisier", "show", run_id, "--env", "test", "--json"],
+            cwd=self.root,
+            env=_clean_environment(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, f"show {run_id} failed: {result.stderr[-2000:]}"
+        return dict(json.loads(result.stdout))
+
     def run_detail(self, run_id: str) -> RunDetail:
         """Return the run, hosts and steps recorded for ``run_id`` in the run database."""
         store = open_store(self.database_url)
@@ -277,6 +288,14 @@ class Lab:
             store.close()
         assert detail is not None, f"run {run_id} is not in {self.database_url}"
         return detail
+
+
+def _clean_environment() -> dict[str, str]:
+    """Return this process's environment without the variables that choose another project."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    environment.pop("FRAISIER_PROJECT", None)
+    environment.pop("FRAISIER_DATABASE_URL", None)
+    return environment
 
 
 def parse_summary(stdout: str) -> list[dict[str, Any]]:

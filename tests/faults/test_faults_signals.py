@@ -41,6 +41,10 @@ def test_sigint_rolls_back_and_exits_130(lab: Lab) -> None:
     assert detail.run.status == "interrupted"
     assert detail.run.exit_code == ExitCode.INTERRUPTED_SIGINT
     assert detail.run.rollback_reason == "interrupted"
+    shown = lab.show(outcome.run_id)
+    assert shown["run"]["status"] == "interrupted"
+    assert shown["run"]["exit_code"] == ExitCode.INTERRUPTED_SIGINT
+    assert {h["host"]: h["final_release"] for h in shown["hosts"]}[h1.name] == release_a
     settle = {s.host: s for s in detail.steps if s.name == "settle"}
     # The step that was running when SIGINT arrived finished instead of being killed.
     assert settle[h2.name].status == "success"
