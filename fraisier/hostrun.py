@@ -251,7 +251,9 @@ class HostDeployer:
                 )
                 if exc.code in ("channel_closed", "connection_lost"):
                     self._reconnect(hostrun)
-                time.sleep(wait)
+                if _wait_unless_stopped(wait, self.should_stop):
+                    self._record_step(hostrun, step, started, attempts, result, exc)
+                    raise StepError(exc, step.name) from exc
         self._record_step(hostrun, step, started, attempts, result, None)
         if hostrun.lock is not None:
             hostrun.lock.refresh()
@@ -631,6 +633,17 @@ class HostDeployer:
     def close(self, hostrun: HostRun) -> None:
         if hostrun.transport is not None:
             hostrun.transport.close()
+
+
+def _wait_unless_stopped(seconds: float, should_stop: Callable[[], bool]) -> bool:
+    """Sleep ``seconds`` in slices of 0.1 s; return True as soon as ``should_stop()`` is true."""
+    deadline = time.monotonic() + seconds
+    while not should_stop():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(0.1, remaining))
+    return True
 
 
 def rollback_reason(error: FraisierError, settings: Settings) -> str | None:
