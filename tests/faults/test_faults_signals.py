@@ -97,3 +97,44 @@ def test_second_sigint_exits_at_once(lab: Lab) -> None:
     assert "inv unlock" in outcome.stderr
     # No summary: the process exited without cleanup, and said so.
     assert outcome.summary == []
+
+
+def test_sigint_ends_retry_wait(lab: Lab) -> None:
+    release_a = lab.deploy_ok()
+    lab.write_recipe(
+        before_switch=[
+            {
+                "name": "flaky",
+                "run": "echo flaky-marker; exit 1",
+                "retries": 3,
+                "retry_delay": 30,
+            }
+        ]
+    )
+    lab.write_inventory()
+
+    process = lab.start_deploy()
+    # Wait until every host logged its first failed attempt; each then waits 30 s.
+    assert process.stderr is not None
+    waiting = 0
+    while waiting < len(lab.hosts):
+        line = process.stderr.readline()
+        assert line, "the deploy ended before every host started its retry wait"
+        waiting += "retrying in" in line
+    signalled = time.monotonic()
+    send_signal(process, signal.SIGINT)
+    outcome = lab.finish(process)
+
+    assert outcome.code == ExitCode.INTERRUPTED_SIGINT, outcome.stderr[-3000:]
+    assert time.monotonic() - signalled < 10, "SIGINT did not end the retry wait"
+    assert outcome.run["status"] == "interrupted"
+    for host in lab.hosts:
+        assert outcome.host(host.name)["status"] == "failed"
+        assert lab.current(host) == release_a
+        assert not lab.lock_exists(host)
+    detail = lab.run_detail(outcome.run_id)
+    flaky = {s.host: s for s in detail.steps if s.name == "flaky"}
+    assert set(flaky) == {h.name for h in lab.hosts}
+    for step in flaky.values():
+        assert step.attempts == 1
+        assert step.status == "failed"
