@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CliResult, run_fraisier
+from e2e_helpers import CliResult, run_fraisier
 from support import REPO_ROOT
 
 

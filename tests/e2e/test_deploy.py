@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import TestProject, fetch_release, run_fraisier, wait_for_release
+from e2e_helpers import TestProject, fetch_release, run_fraisier, wait_for_release
 from support import SshHost
 
 from fraisier.release import new_release_id

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CliResult, run_fraisier, wait_for_release
+from e2e_helpers import CliResult, run_fraisier, wait_for_release
 from support import REPO_ROOT, free_port
 
 

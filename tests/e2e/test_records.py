@@ -18,7 +18,7 @@ import psycopg2
 import pymysql
 import pytest
 import yaml
-from conftest import run_fraisier
+from e2e_helpers import run_fraisier
 
 SECRET = "s3cr3t-Token-" + secrets.token_hex(6)
 DB_PASSWORD = "pw-" + secrets.token_hex(6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import TestProject, wait_for_release
+from e2e_helpers import TestProject, wait_for_release
 
 pytestmark = pytest.mark.ssh
 
