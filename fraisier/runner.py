@@ -716,6 +716,9 @@ class FraiseRun:
         failed = [hr for hr in hostruns if hr.record.status != "success"]
         run.status = "failed" if failed else "success"
         run.exit_code = int(ExitCode.ROLLBACK_FAILED if failed else ExitCode.SUCCESS)
+        if failed and all(hr.record.error_code in REFUSED_ROLLBACK_CODES for hr in failed):
+            # Every failure is a request that no host could satisfy, and nothing was switched.
+            run.exit_code = int(ExitCode.CONFIGURATION)
         run.rollback_reason = "manual"
         if failed:
             run.error_code = failed[0].record.error_code
@@ -729,6 +732,9 @@ class FraiseRun:
         if self.services.on_run_end:
             self.services.on_run_end(result)
         return result
+
+
+REFUSED_ROLLBACK_CODES = ("nothing_to_roll_back", "release_not_found", "release_not_good")
 
 
 def _check_option(option: str, value: str, check: Callable[[str], str]) -> None:

@@ -51,7 +51,7 @@ def test_rollback_steps_back_once(project: TestProject, two_releases: tuple[str,
 
     again = rollback(project)
 
-    assert again.returncode == 3, str(again)
+    assert again.returncode == 2, str(again)
     assert "no earlier good release to roll back to" in again.output
     assert f"(current: {first})" in again.output
     assert_everywhere(project, first)
@@ -81,7 +81,7 @@ def test_rollback_to_failed_release(project: TestProject) -> None:
 
     result = rollback(project, "--to", bad)
 
-    assert result.returncode == 3, str(result)
+    assert result.returncode == 2, str(result)
     assert f"release {bad} on {project.hosts[0].name} is marked failed" in result.output
     assert "choose a release marked ready or healthy" in result.output
     assert_everywhere(project, good)
@@ -92,7 +92,7 @@ def test_rollback_to_unknown_release(project: TestProject) -> None:
 
     result = rollback(project, "--to", "20200101000000000-abcdef")
 
-    assert result.returncode == 3, str(result)
+    assert result.returncode == 2, str(result)
     assert "release 20200101000000000-abcdef not found on" in result.output
     assert f"releases there: {good}" in result.output
     assert_everywhere(project, good)
