@@ -20,8 +20,16 @@ from fraisier.interrupt import Interrupt
 from fraisier.inventory import Inventory, find_inventory, load_inventory
 from fraisier.logging import log_context
 from fraisier.redact import redact
-from fraisier.runner import FraiseRun, RunOptions, RunResult, RunServices, run_workdir
+from fraisier.runner import (
+    FraiseRun,
+    RunOptions,
+    RunResult,
+    RunServices,
+    check_option,
+    run_workdir,
+)
 from fraisier.tracing import configure_tracing, run_span, shutdown_tracing
+from fraisier.validation import validate_release_id
 
 log = logging.getLogger("fraisier.app")
 
@@ -48,6 +56,19 @@ def load(environment: str, inventory: str | None = None) -> Inventory:
         return load_inventory(path, environment or None)
     path = find_inventory(environment, find_project_root())
     return load_inventory(path, environment)
+
+
+def use_inventory_log_file(inventory: Inventory) -> None:
+    """Write JSON logs to ``settings.log_file`` too, relative to the project root."""
+    setting = inventory.settings.log_file
+    if not setting:
+        return
+    from fraisier.logging import add_log_file
+
+    path = Path(setting).expanduser()
+    if not path.is_absolute():
+        path = inventory.project_root / path
+    add_log_file(path)
 
 
 # --- run database, audit and metrics ------------------------------------------------------
@@ -272,7 +293,11 @@ def run_task(
 ) -> int:
     """Run ``deploy`` or ``rollback`` for every selected fraise and return the exit code."""
     options = options or RunOptions()
+    if to_release is not None:
+        # Checked before the run database is opened, so a bad value changes nothing anywhere.
+        check_option("--to", to_release, validate_release_id)
     inv = load(environment, inventory)
+    use_inventory_log_file(inv)
     fraises = inv.select([f.strip() for f in fraise.split(",")] if fraise else None)
     interrupt = Interrupt()
     results: list[RunResult] = []

@@ -495,6 +495,24 @@ def configure_logging(
     logger.propagate = propagate
 
 
+def add_log_file(path: str | Path) -> bool:
+    """Add the rotating JSON log file ``path`` unless a log file is already installed.
+
+    Serves ``settings.log_file`` of an inventory, which is read after logging is configured;
+    a ``--log-file`` flag or ``FRAISIER_LOG_FILE`` wins over it. Returns whether it was added.
+    """
+    logger = logging.getLogger(ROOT_LOGGER)
+    for handler in logger.handlers:
+        if getattr(handler, _INSTALLED_FLAG, False) and isinstance(handler, logging.FileHandler):
+            return False
+    handler = _open_log_file(Path(path))
+    handler.setFormatter(JsonFormatter())
+    attach_filters(handler)
+    setattr(handler, _INSTALLED_FLAG, True)
+    logger.addHandler(handler)
+    return True
+
+
 def reset_logging() -> None:
     """Remove the handlers ``configure_logging`` installed and restore the logger defaults."""
     logger = logging.getLogger(ROOT_LOGGER)

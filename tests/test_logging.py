@@ -631,3 +631,25 @@ def test_formatter_redacts_without_filter(planted_secret: str) -> None:
         "fraisier.x", logging.INFO, __file__, 1, "value %s", (planted_secret,), None
     )
     assert planted_secret not in flog.ConsoleFormatter().format(record)
+
+
+def test_add_log_file_yields_to_installed_file(tmp_path: Path) -> None:
+    first = tmp_path / "flag.jsonl"
+    second = tmp_path / "inventory.jsonl"
+    flog.configure_logging(level="INFO", fmt="json", log_file=first, stream=io.StringIO())
+    try:
+        assert flog.add_log_file(second) is False
+        logging.getLogger("fraisier.test").info("to the flag's file")
+    finally:
+        flog.reset_logging()
+    assert "to the flag's file" in first.read_text(encoding="utf-8")
+    assert not second.exists()
+
+    flog.configure_logging(level="INFO", fmt="json", stream=io.StringIO())
+    try:
+        assert flog.add_log_file(second) is True
+        logging.getLogger("fraisier.test").info("to the inventory's file")
+    finally:
+        flog.reset_logging()
+    line = json.loads(second.read_text(encoding="utf-8").splitlines()[-1])
+    assert line["message"] == "to the inventory's file"
