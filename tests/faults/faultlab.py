@@ -1,9 +1,9 @@
 """A deploy lab for the fault tests on the three session SSH test hosts.
 
-Each test builds an inventory for the ``hello`` example service with its own recipe, makes one
-fault happen for real (a stopped, killed or frozen sshd, a failing command, a bad key, a
-signal), runs a deploy in the test process or in a subprocess, and then checks each host's
-``current`` link over SSH, the run record in the SQLite run database, the exit code and that
+Each test builds an inventory for the ``hello`` example service with its own recipe and makes
+one fault happen for real: a stopped, killed or frozen sshd, a failing command, a bad key or a
+signal. It runs a deploy in the test process or in a subprocess. Then it checks each host's
+``current`` link over SSH, the run record in the SQLite run database, the exit code, and that
 no thread or SSH session outlives the run.
 """
 
@@ -38,8 +38,8 @@ STEPS_AFTER_SWITCH: list[Any] = [{"builtin": "restart"}]
 STEPS_LAST: list[Any] = [{"builtin": "health_check"}, {"builtin": "cleanup"}]
 
 # The restart command of tasks/api.yaml, except that a zombie counts as stopped. "kill -0"
-# succeeds on a zombie, and where PID 1 reaps orphans only about once a second (as in some
-# containers), api.yaml's loop waits that long on every restart and rollback.
+# succeeds on a zombie. Where PID 1 reaps orphans only about once a second (as in the test
+# container), api.yaml's loop waits that long on every restart and rollback.
 RESTART = """\
 pidfile={{ shared_path }}/app.pid
 if [ -f "$pidfile" ]; then

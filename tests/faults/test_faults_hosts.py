@@ -27,7 +27,7 @@ def test_unreachable_host_rolls_back_others(lab: Lab) -> None:
     for host in (h1, h2):
         assert outcome.host(host.name)["status"] == "rolled_back"
         assert outcome.host(host.name)["final_release"] == release_a
-    # The run never reached h3, so it cannot say which release h3 is on.
+    # The run never reached h3, so the summary has no release for it.
     assert outcome.host(h3.name)["final_release"] is None
     for host in lab.hosts:
         assert lab.current(host) == release_a

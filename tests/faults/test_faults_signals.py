@@ -41,10 +41,10 @@ def test_sigint_rolls_back_and_exits_130(lab: Lab) -> None:
     assert detail.run.status == "interrupted"
     assert detail.run.exit_code == ExitCode.INTERRUPTED_SIGINT
     assert detail.run.rollback_reason == "interrupted"
-    shown = lab.show(outcome.run_id)
-    assert shown["run"]["status"] == "interrupted"
-    assert shown["run"]["exit_code"] == ExitCode.INTERRUPTED_SIGINT
-    assert {h["host"]: h["final_release"] for h in shown["hosts"]}[h1.name] == release_a
+    show_output = lab.show(outcome.run_id)
+    assert show_output["run"]["status"] == "interrupted"
+    assert show_output["run"]["exit_code"] == ExitCode.INTERRUPTED_SIGINT
+    assert {h["host"]: h["final_release"] for h in show_output["hosts"]}[h1.name] == release_a
     settle = {s.host: s for s in detail.steps if s.name == "settle"}
     # The step that was running when SIGINT arrived finished instead of being killed.
     assert settle[h2.name].status == "success"
@@ -95,7 +95,7 @@ def test_second_sigint_exits_at_once(lab: Lab) -> None:
     for host in lab.hosts:
         assert f"{host.name}: switched to" in outcome.stderr
     assert "inv unlock" in outcome.stderr
-    # No summary: the process exited without cleanup, and said so.
+    # No summary: the process exited without cleanup and printed the host states instead.
     assert outcome.summary == []
 
 

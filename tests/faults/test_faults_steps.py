@@ -117,7 +117,7 @@ def test_health_check_passes_on_retry(lab: Lab) -> None:
         assert outcome.host(host.name)["final_release"] == release_b
         assert lab.current(host) == release_b
         assert lab.release_state(host, release_b) == "healthy"
-        # The service deletes UNHEALTHY_ONCE when it answers 500 to the first check.
+        # The service deletes UNHEALTHY_ONCE when it returns 500 to the first check.
         release_dir = Path(host.deploy_root, "hello", "releases", release_b)
         assert not (release_dir / "UNHEALTHY_ONCE").exists()
     detail = lab.run_detail(outcome.run_id)
@@ -126,7 +126,7 @@ def test_health_check_passes_on_retry(lab: Lab) -> None:
     assert len(checks) == 3
     for step in checks:
         assert step.status == "success"
-        # The service was still starting or answered 500 once, so every host needed a retry.
+        # The service was still starting or returned 500 once, so every host needed a retry.
         assert step.attempts >= 2
 
 
