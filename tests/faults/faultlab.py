@@ -37,25 +37,6 @@ STEPS_BEFORE_SWITCH: list[Any] = [{"builtin": "fetch"}, {"builtin": "link_shared
 STEPS_AFTER_SWITCH: list[Any] = [{"builtin": "restart"}]
 STEPS_LAST: list[Any] = [{"builtin": "health_check"}, {"builtin": "cleanup"}]
 
-# The restart command of tasks/api.yaml, except that a zombie counts as stopped. "kill -0"
-# succeeds on a zombie. Where PID 1 reaps orphans only about once a second (as in the test
-# container), api.yaml's loop waits that long on every restart and rollback.
-RESTART = """\
-pidfile={{ shared_path }}/app.pid
-if [ -f "$pidfile" ]; then
-  old=$(cat "$pidfile")
-  kill "$old" 2>/dev/null
-  for _ in $(seq 50); do
-    case "$(ps -o stat= -p "$old" 2>/dev/null)" in ""|Z*) break ;; esac
-    sleep 0.1
-  done
-fi
-mkdir -p {{ shared_path }}/log
-nohup {{ python }} {{ current_path }}/app.py --host {{ bind }} --port {{ port }} \\
-  >> {{ shared_path }}/log/app.log 2>&1 &
-echo $! > "$pidfile"
-"""
-
 # Seconds that threads of a finished run get to end before the test calls them leaked.
 THREAD_SETTLE = 3.0
 
@@ -107,12 +88,12 @@ class Lab:
         after_switch: list[dict[str, Any]] | None = None,
         name: str = "faulty",
     ) -> str:
-        """Write ``tasks/NAME.yaml``: the api recipe with ``RESTART`` and steps around ``switch``."""
+        """Write ``tasks/NAME.yaml``: the api recipe with extra steps around ``switch``."""
         api = yaml.safe_load((REPO_ROOT / "tasks" / "api.yaml").read_text())
         recipe = {
             "description": "api recipe with fault steps",
             "vars": api["vars"],
-            "restart": RESTART,
+            "restart": api["restart"],
             "steps": [
                 *STEPS_BEFORE_SWITCH,
                 *(before_switch or []),
