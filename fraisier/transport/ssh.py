@@ -94,6 +94,7 @@ class SSHTransport(Transport):
             port=self.host.port,
             connect_timeout=self.settings.connect_timeout,
             connect_kwargs=connect_kwargs,
+            config=_fabric_config(),
         )
         connection.client = client
         # Fabric connects to a ProxyJump host from ~/.ssh/config with its own client, which
@@ -332,6 +333,36 @@ def _close_gateways(connection: Any) -> None:
         except Exception:
             log.debug("closing the jump host connection %s failed", gateway.host, exc_info=True)
         gateway = gateway.gateway
+
+
+_config_lock = threading.Lock()
+_config_cache: dict[tuple[object, ...], Any] = {}
+
+
+def _fabric_config() -> Any:
+    """Return a Fabric Config shared by the connections of this process.
+
+    Building a Config reads and parses the SSH config files, which cost 5 to 6 ms of CPU per
+    connection on the benchmark machine (see docs/benchmarks.md). A Connection only reads the
+    Config it is given, so one Config serves every host. It is rebuilt when ``~/.ssh/config``
+    or ``/etc/ssh/ssh_config`` changes.
+    """
+    from fabric import Config
+
+    key: tuple[object, ...] = ()
+    for path in (Path("~/.ssh/config").expanduser(), Path("/etc/ssh/ssh_config")):
+        try:
+            stat = path.stat()
+        except OSError:
+            key += (str(path), None)
+        else:
+            key += (str(path), stat.st_mtime_ns, stat.st_size)
+    with _config_lock:
+        config = _config_cache.get(key)
+        if config is None:
+            _config_cache.clear()
+            config = _config_cache[key] = Config()
+        return config
 
 
 def _find_pid(stderr: bytes | bytearray, token: str) -> int | None:
