@@ -59,7 +59,7 @@ def main() -> int:
         else:
             handle, archive = tempfile.mkstemp(prefix="fabric-", suffix=".tar.gz")
             os.close(handle)
-            with tarfile.open(archive, "w:gz") as packed:
+            with tarfile.open(archive, "w:gz", compresslevel=6) as packed:
                 packed.add(config["source"], arcname=".")
             release = f"releases/{config['release_id']}"
             upload = f"upload-{config['release_id']}.tar.gz"

@@ -111,10 +111,10 @@ def run_release(host: dict[str, Any], config: dict[str, Any], archive: str) -> i
 
 
 def pack(source: str) -> str:
-    """Pack ``source`` into a temporary tar.gz and return its path."""
+    """Pack ``source`` into a temporary tar.gz at gzip level 6, as Fraisier and GNU tar do."""
     handle, path = tempfile.mkstemp(prefix="floor-", suffix=".tar.gz")
     os.close(handle)
-    with tarfile.open(path, "w:gz") as archive:
+    with tarfile.open(path, "w:gz", compresslevel=6) as archive:
         archive.add(source, arcname=".")
     return path
 

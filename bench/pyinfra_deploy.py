@@ -23,7 +23,7 @@ else:
     # The archive is packed once per run: the first host's pass writes it, later passes reuse it.
     archive = config["archive"]
     if not os.path.exists(archive):
-        with tarfile.open(archive + ".part", "w:gz") as packed:
+        with tarfile.open(archive + ".part", "w:gz", compresslevel=6) as packed:
             packed.add(config["source"], arcname=".")
         os.rename(archive + ".part", archive)
     root = f"{host.data.deploy_root}/pyinfra"
