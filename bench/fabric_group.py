@@ -46,10 +46,12 @@ def main() -> int:
     hosts = config["hosts"]
     conns = [connection(host, config["known_hosts"]) for host in hosts]
     group = ThreadingGroup.from_connections(conns)
+
     # A ThreadingGroup sends the same command to every host, so the work folder is relative to
     # each deploy user's home directory, where the shell and SFTP start.
     root = "bench-fabric"
     passed = 0
+
     try:
         if config["mode"] == "steps":
             for number in range(1, config["steps"] + 1):

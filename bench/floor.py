@@ -42,7 +42,7 @@ def connect(host: dict[str, Any], known_hosts: str) -> paramiko.SSHClient:
 
 
 class Shell:
-    """One long-lived ``sh`` on an exec channel; commands and their exit codes go through it."""
+    """One long-lived ``sh`` on an exec channel, which runs the commands and prints their status."""
 
     def __init__(self, client: paramiko.SSHClient) -> None:
         transport = client.get_transport()

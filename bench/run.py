@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, help="results folder (default bench/results/TIME)")
     args = parser.parse_args(argv)
+
     if args.quick:
         args.hosts, args.rounds, args.release_hosts = "1,10", 1, min(args.release_hosts, 10)
     args.host_counts = sorted({int(n) for n in args.hosts.split(",") if n.strip()})
@@ -68,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--hosts needs counts between 1 and 200; got {args.hosts!r}")
     if args.rounds < 1:
         parser.error(f"--rounds needs at least 1; got {args.rounds}")
+
     args.tool_names = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = [t for t in args.tool_names if t not in TOOLS]
     if unknown:
