@@ -118,8 +118,12 @@ class ErrorHandler:
         attempt: int = 1,
         elapsed: float = 0.0,
         context: dict[str, Any] | None = None,
+        retry: RetryStrategy | None = None,
     ) -> Decision:
         """Decide what to do about ``error`` after failed ``attempt``, then log and count it.
+
+        ``retry`` is a step's own retry strategy: it is tried before the registered strategies
+        of the error's type, unless those make the error fail at once.
 
         Non-Fraisier exceptions go through ``translate_exception`` first. The ``context`` keys
         are added to the error where it does not set them. A host failure counts against the
@@ -135,7 +139,7 @@ class ErrorHandler:
         if host is not None and isinstance(fraisier_error, HOST_FAILURES):
             self.breakers.for_host(str(host)).record_failure()
 
-        decision = self._decide(fraisier_error, attempt, elapsed)
+        decision = self._decide(fraisier_error, attempt, elapsed, retry)
         self._report(decision, context)
         return decision
 
@@ -145,12 +149,20 @@ class ErrorHandler:
         fraisier_error = translate_exception(error)
         return self._decide(fraisier_error, attempt, elapsed).action == "retry"
 
-    def _decide(self, error: FraisierError, attempt: int, elapsed: float) -> Decision:
+    def _decide(
+        self,
+        error: FraisierError,
+        attempt: int,
+        elapsed: float,
+        retry: RetryStrategy | None = None,
+    ) -> Decision:
         host = error.context.get("host")
         if host is not None and self.breakers.for_host(str(host)).state == "open":
             return Decision("fail", 0.0, "circuit_open", error)
 
         strategies = self.strategies_for(type(error))
+        if retry is not None and not (strategies and isinstance(strategies[0], FailStrategy)):
+            strategies = [retry, *strategies]
         if not strategies:
             return Decision("fail", 0.0, "no_strategy", error)
 

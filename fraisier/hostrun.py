@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fraisier.error_handler import ErrorHandler, default_handler
 from fraisier.errors import (
     CommandFailedError,
     DeploymentTimeoutError,
@@ -21,6 +22,7 @@ from fraisier.hostlock import Holder, HostLock
 from fraisier.inventory import Fraise, Host, Settings
 from fraisier.recipes import Recipe, Step
 from fraisier.records import HostRecord, StepRecord, tail, utc_now
+from fraisier.recovery import RetryStrategy, RollbackRecoveryStrategy
 from fraisier.release import HostState, ReleasePaths, releases_to_remove
 from fraisier.sources import Artifact
 from fraisier.tracing import host_span, step_span
@@ -86,6 +88,7 @@ class HostDeployer:
         audit: Callable[..., None],
         should_stop: Callable[[], bool],
         base_variables: Callable[[Host], dict[str, Any]],
+        error_handler: ErrorHandler | None = None,
     ) -> None:
         self.run_id = run_id
         self.environment = environment
@@ -101,6 +104,8 @@ class HostDeployer:
         self.audit = audit
         self.should_stop = should_stop
         self.base_variables = base_variables
+        self.error_handler = error_handler or default_handler(dataclasses.asdict(settings))
+        self._step_retries: dict[str, RetryStrategy] = {}
 
     # --- variables -----------------------------------------------------------------------
 
@@ -177,7 +182,7 @@ class HostDeployer:
         try:
             transport = self.transport_factory(hostrun.host)
             hostrun.transport = transport
-            transport.connect()
+            self._connect(hostrun, transport)
             paths = self.paths_for(hostrun)
             transport.run(paths.prepare_command(), timeout=INTERNAL_TIMEOUT)
             hostrun.lock = HostLock(transport, paths, self.holder, self.settings.lock_stale_after)
@@ -201,6 +206,36 @@ class HostDeployer:
         hostrun.variables = self.variables_for(hostrun.host, hostrun.previous_release)
         self._record_internal(hostrun, "connect", started, None)
 
+    def _connect(self, hostrun: HostRun, transport: Transport) -> None:
+        """Connect, retrying an unreachable host as the error handler decides."""
+        retry = RetryStrategy(
+            max_attempts=self.settings.retries + 1,
+            base_delay=self.settings.retry_delay,
+            multiplier=self.settings.retry_backoff,
+            max_delay=self.settings.retry_max_delay,
+            jitter=self.settings.retry_jitter,
+            max_elapsed=self.settings.retry_max_elapsed,
+        )
+        clock_start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                transport.connect()
+                return
+            except FraisierError as exc:
+                decision = self.error_handler.handle_error(
+                    exc,
+                    attempt=attempt,
+                    elapsed=time.monotonic() - clock_start,
+                    context={"run_id": self.run_id, "host": hostrun.host.name, "step": "connect"},
+                    retry=retry,
+                )
+                if decision.action != "retry" or self.should_stop():
+                    raise
+                if _wait_unless_stopped(decision.delay, self.should_stop):
+                    raise
+
     def _read_current(self, hostrun: HostRun) -> None:
         """Record the host's current release without the lock, so the summary can name it."""
         assert hostrun.transport is not None
@@ -220,8 +255,8 @@ class HostDeployer:
         log.debug("starting", extra={"event": "step_start", "step": step.name})
         attempts = 0
         result: CommandResult | None = None
-        retries = step.retries if step.retries is not None else self.settings.retries
-        delay = step.retry_delay if step.retry_delay is not None else self.settings.retry_delay
+        retry = self._retry_strategy(step)
+        clock_start = time.monotonic()
         while True:
             attempts += 1
             try:
@@ -229,34 +264,54 @@ class HostDeployer:
                     result = self._execute(hostrun, step)
                 break
             except FraisierError as exc:
-                retryable = exc.recoverable or isinstance(exc, CommandFailedError)
-                if (
-                    step.builtin in ("switch", "health_check")
-                    or not retryable
-                    or attempts > retries
-                    or self.should_stop()
-                ):
+                if isinstance(exc, CommandFailedError) and retry.max_attempts > 1:
+                    # A step with retries declares its command safe to run again.
+                    exc.recoverable = True
+                decision = self.error_handler.handle_error(
+                    exc,
+                    attempt=attempts,
+                    elapsed=time.monotonic() - clock_start,
+                    context={"run_id": self.run_id, "host": hostrun.host.name, "step": step.name},
+                    # Switching and health checks retry on their own terms, never as a step.
+                    retry=None if step.builtin in ("switch", "health_check") else retry,
+                )
+                if decision.action != "retry" or self.should_stop():
                     self._record_step(hostrun, step, started, attempts, result, exc)
                     raise StepError(exc, step.name) from exc
-                wait = min(
-                    self.settings.retry_max_delay,
-                    delay * self.settings.retry_backoff ** (attempts - 1),
-                )
                 log.warning(
                     "attempt %d failed (%s); retrying in %.1fs",
                     attempts,
                     exc.message,
-                    wait,
+                    decision.delay,
                     extra={"event": "step_retry", "step": step.name, "attempt": attempts},
                 )
                 if exc.code in ("channel_closed", "connection_lost"):
                     self._reconnect(hostrun)
-                if _wait_unless_stopped(wait, self.should_stop):
+                if _wait_unless_stopped(decision.delay, self.should_stop):
                     self._record_step(hostrun, step, started, attempts, result, exc)
                     raise StepError(exc, step.name) from exc
+        self.error_handler.breakers.for_host(hostrun.host.name).record_success()
         self._record_step(hostrun, step, started, attempts, result, None)
         if hostrun.lock is not None:
             hostrun.lock.refresh()
+
+    def _retry_strategy(self, step: Step) -> RetryStrategy:
+        """Return the step's retry strategy: its own ``retries``, else the settings'."""
+        strategy = self._step_retries.get(step.name)
+        if strategy is None:
+            settings = self.settings
+            strategy = RetryStrategy(
+                max_attempts=(step.retries if step.retries is not None else settings.retries) + 1,
+                base_delay=step.retry_delay
+                if step.retry_delay is not None
+                else settings.retry_delay,
+                multiplier=settings.retry_backoff,
+                max_delay=settings.retry_max_delay,
+                jitter=settings.retry_jitter,
+                max_elapsed=settings.retry_max_elapsed,
+            )
+            self._step_retries[step.name] = strategy
+        return strategy
 
     def _execute(self, hostrun: HostRun, step: Step) -> CommandResult | None:
         transport = hostrun.transport
@@ -650,15 +705,20 @@ def rollback_reason(error: FraisierError, settings: Settings) -> str | None:
     """Return why a switched host is rolled back after ``error``, or None to leave it."""
     from fraisier.errors import HealthCheckError
 
-    if isinstance(error, HealthCheckError):
-        return "health_check" if settings.rollback_on_health_check else None
-    if isinstance(error, DeploymentTimeoutError):
-        return "timeout" if settings.rollback_on_timeout else None
     if error.code == "interrupted":
         return "interrupted"
-    if error.code in ("host_unreachable", "connection_lost", "channel_closed"):
-        return "unreachable"
-    return "step_failed" if settings.rollback_on_step_failure else None
+    strategy = RollbackRecoveryStrategy(
+        on_step_failure=settings.rollback_on_step_failure,
+        on_timeout=settings.rollback_on_timeout,
+        on_health_check=settings.rollback_on_health_check,
+    )
+    reason = strategy.reason_for(error)
+    configurable = (HealthCheckError, DeploymentTimeoutError)
+    if reason is None and not isinstance(error, configurable) and settings.rollback_on_step_failure:
+        # An error the strategy leaves alone (a configuration or database error after the
+        # switch) still leaves a host that may not serve the new release: roll it back.
+        return "step_failed"
+    return reason
 
 
 def translate(exc: BaseException, **context: Any) -> FraisierError:

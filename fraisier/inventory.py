@@ -268,6 +268,10 @@ class Settings:
     retry_delay: float = 1.0
     retry_backoff: float = 2.0
     retry_max_delay: float = 30.0
+    retry_jitter: float = 0.5
+    retry_max_elapsed: float = 300.0
+    breaker_failure_threshold: int = 3
+    breaker_reset_timeout: float = 30.0
     rollback_on_timeout: bool = True
     rollback_on_health_check: bool = True
     rollback_on_step_failure: bool = True
@@ -286,6 +290,8 @@ FRAISE_SETTING_KEYS = (
     "retry_delay",
     "retry_backoff",
     "retry_max_delay",
+    "retry_jitter",
+    "retry_max_elapsed",
     "rollback_on_timeout",
     "rollback_on_health_check",
     "rollback_on_step_failure",
@@ -496,7 +502,12 @@ def _read_settings(section: _Section, base: Settings) -> Settings:
         )
     if "on_failure" in s.data:
         values["on_failure"] = s.choice("on_failure", "rollback", ("rollback", "leave"))
-    for name, low, high in (("forks", 1, 1000), ("keepalive", 0, 3600), ("retries", 0, 20)):
+    for name, low, high in (
+        ("forks", 1, 1000),
+        ("keepalive", 0, 3600),
+        ("retries", 0, 20),
+        ("breaker_failure_threshold", 1, 1000),
+    ):
         if name in s.data:
             values[name] = s.int(name, None, low, high)
     for name, low, high in (
@@ -507,6 +518,9 @@ def _read_settings(section: _Section, base: Settings) -> Settings:
         ("retry_delay", 0, 3600),
         ("retry_backoff", 1, 10),
         ("retry_max_delay", 0, 3600),
+        ("retry_jitter", 0, 1),
+        ("retry_max_elapsed", 0, 86400),
+        ("breaker_reset_timeout", 0, 3600),
         ("lock_stale_after", 1, 7 * 86400),
     ):
         if name in s.data:
