@@ -204,7 +204,7 @@ class FraiseRun:
         )
         self.hosts: list[Host] = inventory.hosts_for(fraise, options.limit)
         if options.ref is not None:
-            _check_option("--ref", options.ref, validate_git_ref)
+            check_option("--ref", options.ref, validate_git_ref)
         self.run_id = new_run_id()
         user, controller, pid = controller_identity()
         self.holder = Holder(
@@ -588,7 +588,7 @@ class FraiseRun:
     def rollback(self, to_release: str | None) -> RunResult:
         """Switch every host back to ``to_release`` or to its newest good release before current."""
         if to_release is not None:
-            _check_option("--to", to_release, validate_release_id)
+            check_option("--to", to_release, validate_release_id)
         run = self._new_run_record(to_release, None)
         with self._db_lock():
             self.services.recorder.save_run(run)
@@ -737,7 +737,7 @@ class FraiseRun:
 REFUSED_ROLLBACK_CODES = ("nothing_to_roll_back", "release_not_found", "release_not_good")
 
 
-def _check_option(option: str, value: str, check: Callable[[str], str]) -> None:
+def check_option(option: str, value: str, check: Callable[[str], str]) -> None:
     """Run ``check`` on a command-line value so that its error names the option."""
     try:
         check(value)
