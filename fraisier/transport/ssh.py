@@ -29,6 +29,7 @@ from fraisier.errors import (
     ConnectionLostError,
     DeploymentTimeoutError,
     FraisierError,
+    HostUnreachableError,
     translate_exception,
 )
 from fraisier.transport.base import CommandResult, Transport, wrap_command
@@ -112,7 +113,18 @@ class SSHTransport(Transport):
         except Exception as exc:
             client.close()
             _close_gateways(connection)
-            raise translate_exception(exc, **self._context) from exc
+            error = translate_exception(exc, **self._context)
+            if isinstance(error, ConnectionLostError):
+                # No session existed yet, so nothing was lost: the SSH handshake failed. A hung
+                # sshd shows up here as "No existing session" when Paramiko's banner timeout
+                # ends the handshake while authentication starts.
+                error = HostUnreachableError(
+                    f"SSH handshake with {self.name} ({self.host.address}:{self.host.port}) "
+                    f"failed within connect_timeout {self.settings.connect_timeout:g}s: "
+                    f"{error.message}; sshd may be hung or overloaded",
+                    context=self._context,
+                )
+            raise error from exc
         transport = connection.transport
         if self.settings.keepalive:
             transport.set_keepalive(int(self.settings.keepalive))
