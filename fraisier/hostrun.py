@@ -153,7 +153,8 @@ class HostDeployer:
         self.save_host(record)
         log.info("deploying %s", self.release_id, extra={"event": "host_start"})
         try:
-            self._connect_and_lock(hostrun)
+            if hostrun.lock is None or not hostrun.lock.held:
+                self._connect_and_lock(hostrun)
             for step in self.recipe.steps:
                 if self.should_stop():
                     raise FraisierError("run interrupted before this step", code="interrupted")
@@ -173,6 +174,28 @@ class HostDeployer:
                 "%s on %s",
                 record.status,
                 record.final_release or "no release",
+                extra={"event": "host_end", "status": record.status},
+            )
+
+    def prepare(self, hostrun: HostRun) -> None:
+        """Connect, take the host's deploy lock and read its releases, before any change.
+
+        A failure is recorded on the host, which then counts as failed and is not deployed.
+        """
+        record = hostrun.record
+        record.new_release = self.release_id
+        try:
+            self._connect_and_lock(hostrun)
+        except FraisierError as exc:
+            record.started_at = utc_now()
+            hostrun.error = exc
+            self._after_failure(hostrun, exc)
+            record.ended_at = utc_now()
+            self.save_host(record)
+            log.info(
+                "%s before any change: %s",
+                record.status,
+                record.error_message,
                 extra={"event": "host_end", "status": record.status},
             )
 

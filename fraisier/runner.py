@@ -429,11 +429,18 @@ class FraiseRun:
         stopped_reason: str | None = None
         done: list[HostRun] = []
         try:
+            # Every host is connected to and locked before any of them changes, so a lock held
+            # by another run, or unreachable hosts over the failure threshold, stop the run
+            # while every host is still on the release it had.
+            stopped_reason = self._prepare_hosts(deployer, hostruns)
             for batch in split_batches(self.hosts, self.settings.serial):
+                if stopped_reason:
+                    break
                 if self.interrupt.is_set:
                     stopped_reason = "interrupted"
                     break
-                self._run_batch(deployer, [by_name[h.name] for h in batch])
+                ready = [by_name[h.name] for h in batch if by_name[h.name].error is None]
+                self._run_batch(deployer, ready)
                 done += [by_name[h.name] for h in batch]
                 failed = sum(1 for hr in done if hr.record.status != "success")
                 if self.interrupt.is_set:
@@ -459,15 +466,52 @@ class FraiseRun:
             writer.close()
         return self._finish(run, hostruns, stopped_reason)
 
-    def _run_batch(self, deployer: HostDeployer, batch: list[HostRun]) -> None:
+    def _prepare_hosts(self, deployer: HostDeployer, hostruns: list[HostRun]) -> str | None:
+        """Connect to and lock every host; return why the run stops, or None to go on."""
+        self._run_batch(deployer, hostruns, work=deployer.prepare)
+        failed = [hr for hr in hostruns if hr.error is not None]
+        if self.interrupt.is_set:
+            return "interrupted"
+        held = [
+            hr for hr in failed if isinstance(getattr(hr.error, "cause", hr.error), LockHeldError)
+        ]
+        if held:
+            log.error(
+                "the deploy lock is held on %s: no host was changed",
+                ", ".join(hr.host.name for hr in held),
+                extra={"event": "run_stop"},
+            )
+            return "lock"
+        if threshold_exceeded(len(failed), len(hostruns), self.settings.max_fail_percentage):
+            log.error(
+                "%d of %d host(s) cannot be deployed (%s), over max_fail_percentage %g%%: "
+                "no host was changed",
+                len(failed),
+                len(hostruns),
+                ", ".join(hr.host.name for hr in failed),
+                self.settings.max_fail_percentage,
+                extra={"event": "run_stop"},
+            )
+            return "threshold"
+        return None
+
+    def _run_batch(
+        self,
+        deployer: HostDeployer,
+        batch: list[HostRun],
+        work: Callable[[HostRun], None] | None = None,
+    ) -> None:
         from fraisier.logging import context_submit, log_context
 
+        if not batch:
+            return
+        work = work or deployer.deploy
         workers = max(1, min(self.settings.forks, len(batch)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fraisier-host") as pool:
             futures = set()
             for hostrun in batch:
                 with log_context(host=hostrun.host.name):
-                    futures.add(context_submit(pool, deployer.deploy, hostrun))
+                    futures.add(context_submit(pool, work, hostrun))
             # Wait in short slices so that the main thread handles SIGINT and SIGTERM at once.
             while futures:
                 finished, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -479,8 +523,8 @@ class FraiseRun:
         for hostrun in hostruns:
             if hostrun.record.status == "pending":
                 hostrun.record.status = "skipped"
-                hostrun.record.error_message = (
-                    "not started: the run stopped before this host's batch"
+                hostrun.record.error_message = hostrun.record.error_message or SKIP_MESSAGES.get(
+                    reason, "not started: the run stopped before this host's batch"
                 )
                 deployer.save_host(hostrun.record)
         switched = [
@@ -734,6 +778,11 @@ class FraiseRun:
         return result
 
 
+SKIP_MESSAGES = {
+    "lock": "not changed: another run holds the deploy lock of a host of this run",
+    "threshold": "not started: more hosts failed than max_fail_percentage allows",
+    "interrupted": "not started: the run was interrupted",
+}
 REFUSED_ROLLBACK_CODES = ("nothing_to_roll_back", "release_not_found", "release_not_good")
 
 

@@ -11,7 +11,7 @@ from faultlab import Lab, wait_for_process
 from fraisier.errors import ExitCode
 
 
-def test_unreachable_host_rolls_back_others(lab: Lab) -> None:
+def test_unreachable_host_stops_run_unchanged(lab: Lab) -> None:
     release_a = lab.deploy_ok()
     h1, h2, h3 = lab.hosts
     lab.write_recipe()
@@ -21,20 +21,23 @@ def test_unreachable_host_rolls_back_others(lab: Lab) -> None:
     outcome = lab.deploy()
 
     assert outcome.code == ExitCode.DEPLOY_FAILED
-    assert outcome.run["status"] == "rolled_back"
+    assert outcome.run["status"] == "failed"
     assert outcome.host(h3.name)["status"] == "unreachable"
     assert "refused; is sshd running" in outcome.host(h3.name)["error"]
+    # Every host is connected to before any changes, so with max_fail_percentage 0 an
+    # unreachable host stops the run while the others are still on their release.
     for host in (h1, h2):
-        assert outcome.host(host.name)["status"] == "rolled_back"
-        assert outcome.host(host.name)["final_release"] == release_a
+        assert outcome.host(host.name)["status"] == "skipped"
+        assert outcome.host(host.name)["final_release"] is None
     # The run never reached h3, so the summary has no release for it.
     assert outcome.host(h3.name)["final_release"] is None
     for host in lab.hosts:
         assert lab.current(host) == release_a
     detail = lab.run_detail(outcome.run_id)
-    assert detail.run.status == "rolled_back"
+    assert detail.run.status == "failed"
     assert detail.run.exit_code == ExitCode.DEPLOY_FAILED
-    assert {h.host: h.status for h in detail.hosts}[h3.name] == "unreachable"
+    statuses = {h.host: h.status for h in detail.hosts}
+    assert statuses == {h1.name: "skipped", h2.name: "skipped", h3.name: "unreachable"}
 
 
 def test_unreachable_host_within_threshold(lab: Lab) -> None:
