@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import sys
 from collections.abc import Iterable
 
 # Targets of the step scenarios on the largest host count, checked by ``targets()``.
@@ -70,6 +71,15 @@ class Figures:
         runs = self.runs.get((scenario, tool))
         return min(m.wall for m in runs) if runs else None
 
+    def cpu_per_host_step(self, hosts: int, tool: str) -> float | None:
+        """Return the CPU seconds each host-step adds: (CPU(10 steps) - CPU(1 step)) / 9 / hosts.
+
+        CPU time moves much less with the machine's other load than wall time does.
+        """
+        ten = self.cpu(f"steps10-n{hosts}", tool)
+        one = self.cpu(f"steps1-n{hosts}", tool)
+        return None if ten is None or one is None else (ten - one) / 9 / hosts
+
     def overhead(self, hosts: int, tool: str, pick: str = "median") -> float | None:
         """Return the seconds each step adds: (wall(10 steps) - wall(1 step)) / 9.
 
@@ -126,8 +136,9 @@ def overhead_table(figures: Figures, host_counts: list[int]) -> list[str]:
     lines = [
         "### Per-step overhead: (median wall of 10 steps - median wall of 1 step) / 9",
         "",
-        "| hosts | tool | ms per step (medians) | vs floor | ms per step (fastest runs) | vs floor |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| hosts | tool | ms per step (medians) | vs floor | ms per step (fastest runs) | vs floor "
+        "| tool CPU ms per host-step |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for hosts in host_counts:
         floor = figures.overhead(hosts, "floor")
@@ -139,7 +150,8 @@ def overhead_table(figures: Figures, host_counts: list[int]) -> list[str]:
                 continue
             lines.append(
                 f"| {hosts} | {tool} | {value * 1000:.1f} | {_ratio(value, floor)} "
-                f"| {_num(fastest, '', 1000, 1)} | {_ratio(fastest, floor_min)} |"
+                f"| {_num(fastest, '', 1000, 1)} | {_ratio(fastest, floor_min)} "
+                f"| {_num(figures.cpu_per_host_step(hosts, tool), '', 1000, 2)} |"
             )
     return [*lines, ""]
 
@@ -259,3 +271,23 @@ def _scenario_order(name: str) -> tuple[int, int, int]:
     if work.startswith("steps"):
         return 0, int(hosts), -int(work[5:])
     return 1, int(hosts), 0
+
+
+def main(argv: list[str]) -> int:
+    """Print the summary of a results folder written by ``bench/run.py``."""
+    import json
+    from pathlib import Path
+
+    if len(argv) != 1:
+        print("usage: python bench/report.py RESULTS_FOLDER", file=sys.stderr)
+        return 2
+    folder = Path(argv[0])
+    lines = (folder / "measurements.jsonl").read_text().splitlines()
+    measurements = [Measurement(**json.loads(line)) for line in lines if line.strip()]
+    meta = json.loads((folder / "meta.json").read_text())
+    print(summarize(measurements, meta["machine"], meta["versions"], meta["rounds"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             raw.write(json.dumps(dataclasses.asdict(item)) + "\n")
     facts = machine_facts()
     facts["load_start"], facts["load_end"] = load_start, _load()
+    meta = {"machine": facts, "versions": versions, "rounds": args.rounds}
+    (output / "meta.json").write_text(json.dumps(meta, indent=2))
     summary = summarize(measurements, facts, versions, args.rounds)
     (output / "summary.md").write_text(summary)
     print(summary)
