@@ -397,7 +397,13 @@ def print_summary(results: list[RunResult], output_json: bool, stream: Any = Non
         )
         width = max([len(h.host) for h in r.hosts] + [4])
         for h in r.hosts:
-            line = f"  {h.host:<{width}}  {h.status:<12} on {h.final_release or 'no release'}"
+            if h.final_release:
+                where = f"on {h.final_release}"
+            elif h.status == "unreachable":
+                where = "release unknown (host not reached)"
+            else:
+                where = "on no release"
+            line = f"  {h.host:<{width}}  {h.status:<12} {where}"
             if h.error_message and h.status != "success":
                 line += f"  ({h.error_message})"
             print(line, file=stream)

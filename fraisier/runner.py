@@ -523,6 +523,7 @@ class FraiseRun:
         for hostrun in hostruns:
             if hostrun.record.status == "pending":
                 hostrun.record.status = "skipped"
+                hostrun.record.final_release = hostrun.previous_release
                 hostrun.record.error_message = hostrun.record.error_message or SKIP_MESSAGES.get(
                     reason, "not started: the run stopped before this host's batch"
                 )
@@ -538,13 +539,14 @@ class FraiseRun:
             )
             return
         rollback_reason = "interrupted" if reason == "interrupted" else "run_failed"
-        for hostrun in switched:
-            from fraisier.logging import log_context
 
-            with log_context(host=hostrun.host.name):
-                deployer.roll_back(hostrun, rollback_reason)
-                hostrun.record.ended_at = utc_now()
-                deployer.save_host(hostrun.record)
+        def roll_back(hostrun: HostRun) -> None:
+            deployer.roll_back(hostrun, rollback_reason)
+            hostrun.record.ended_at = utc_now()
+            deployer.save_host(hostrun.record)
+
+        # The hosts roll back in parallel, up to forks at a time, like a batch.
+        self._run_batch(deployer, switched, work=roll_back)
 
     def _finish(
         self, run: RunRecord, hostruns: list[HostRun], stopped_reason: str | None

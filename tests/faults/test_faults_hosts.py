@@ -28,7 +28,7 @@ def test_unreachable_host_stops_run_unchanged(lab: Lab) -> None:
     # unreachable host stops the run while the others are still on their release.
     for host in (h1, h2):
         assert outcome.host(host.name)["status"] == "skipped"
-        assert outcome.host(host.name)["final_release"] is None
+        assert outcome.host(host.name)["final_release"] == release_a
     # The run never reached h3, so the summary has no release for it.
     assert outcome.host(h3.name)["final_release"] is None
     for host in lab.hosts:
