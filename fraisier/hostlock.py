@@ -15,7 +15,7 @@ import socket
 import time
 from typing import Any
 
-from fraisier.errors import LockHeldError
+from fraisier.errors import DeploymentError, LockHeldError
 from fraisier.release import ReleasePaths
 from fraisier.transport.base import Transport
 from fraisier.validation import quote
@@ -70,29 +70,41 @@ class HostLock:
     def _holder_path(self) -> str:
         return f"{self.paths.lock}/{HOLDER_FILE}"
 
-    def acquire(self) -> None:
-        """Take the lock, or raise LockHeldError naming the holder and whether it looks stale."""
+    def acquire(self, prefix: str = "", suffix: str = "") -> list[str]:
+        """Take the lock, or raise LockHeldError naming the holder and whether it looks stale.
+
+        ``prefix`` runs before the lock is taken and ``suffix`` after, in the same remote
+        command, which saves a round trip each; the output lines of ``suffix`` are returned.
+        A failing ``prefix`` or an unwritable lock directory raises DeploymentError.
+        """
         body = json.dumps(dataclasses.asdict(self.holder), sort_keys=True)
         command = (
+            f"{prefix}\n"
             f"mkdir -p -- {quote(self.paths.meta)} || exit 1\n"
             f"if mkdir -- {quote(self.paths.lock)} 2>/dev/null; then\n"
-            f"  printf '%s\\n' {quote(body)} > {quote(self._holder_path)} && echo acquired\n"
+            f"  printf '%s\\n' {quote(body)} > {quote(self._holder_path)} || exit 1\n"
+            "  echo acquired\n"
             "else\n"
             "  echo held\n"
             f"  cat -- {quote(self._holder_path)} 2>/dev/null || echo '{{}}'\n"
             f'  echo "age=$(( $(date +%s) - $(stat -c %Y -- {quote(self._holder_path)} 2>/dev/null || date +%s) ))"\n'
-            "fi"
+            "  exit 0\n"
+            "fi\n"
+            f"{suffix}"
         )
         result = self.transport.run(command, timeout=self.timeout)
         lines = result.stdout.splitlines()
         if result.exit_status == 0 and lines and lines[0] == "acquired":
             self.held = True
             self._refreshed = time.monotonic()
-            return
+            return lines[1:]
         if result.exit_status != 0 or not lines or lines[0] != "held":
-            raise LockHeldError(
-                f"cannot create the deploy lock {self.paths.lock} on {self.transport.name}: "
-                f"{result.stderr.strip() or 'exit status ' + str(result.exit_status)}",
+            raise DeploymentError(
+                f"cannot prepare {self.paths.deploy_to} or create its deploy lock on "
+                f"{self.transport.name}: "
+                f"{result.stderr.strip() or 'exit status ' + str(result.exit_status)}; check "
+                "that the deploy user can write there",
+                code="lock_failed",
                 context={"host": self.transport.name},
             )
         raise self._held_error(lines[1:])

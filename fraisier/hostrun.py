@@ -207,10 +207,10 @@ class HostDeployer:
             hostrun.transport = transport
             self._connect(hostrun, transport)
             paths = self.paths_for(hostrun)
-            transport.run(paths.prepare_command(), timeout=INTERNAL_TIMEOUT)
             hostrun.lock = HostLock(transport, paths, self.holder, self.settings.lock_stale_after)
-            hostrun.lock.acquire()
-            result = transport.run(paths.read_state_command(), timeout=INTERNAL_TIMEOUT)
+            state_lines = hostrun.lock.acquire(
+                prefix=paths.prepare_command() + " || exit 1", suffix=paths.read_state_command()
+            )
         except FraisierError as exc:
             self._record_internal(hostrun, "connect", started, exc)
             if isinstance(exc, LockHeldError):
@@ -223,7 +223,7 @@ class HostDeployer:
             ):
                 hostrun.record.status = "unreachable"
             raise StepError(exc, "connect") from exc
-        hostrun.state = ReleasePaths.parse_state(result.stdout)
+        hostrun.state = ReleasePaths.parse_state("\n".join(state_lines))
         hostrun.previous_release = hostrun.state.current
         hostrun.record.previous_release = hostrun.previous_release
         hostrun.variables = self.variables_for(hostrun.host, hostrun.previous_release)

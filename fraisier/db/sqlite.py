@@ -56,6 +56,9 @@ class SQLiteRunStore(SQLRunStore):
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.url.connect_timeout * 1000)}")
             conn.execute("PRAGMA journal_mode = WAL")
+            # In WAL mode, NORMAL loses no committed record when the process crashes; only a
+            # power loss may drop the last commits. FULL would fsync on every record written.
+            conn.execute("PRAGMA synchronous = NORMAL")
         except sqlite3.Error:
             conn.close()
             raise
