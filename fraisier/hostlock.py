@@ -3,7 +3,8 @@
 The lock is a directory made with ``mkdir`` (atomic on POSIX file systems) holding
 ``holder.json``. Its holder refreshes the file's modification time as the run goes on. A lock
 whose holder stopped refreshing it for ``lock_stale_after`` seconds, or whose holder process on
-this controller is gone, is reported as stale; it is never taken over without ``inv unlock``.
+this controller is gone, is reported as stale. It is never taken over: ``inv unlock`` removes
+it once an operator has checked that its run is dead.
 """
 
 from __future__ import annotations

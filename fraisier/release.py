@@ -34,7 +34,7 @@ class ReleaseInfo:
 
 @dataclasses.dataclass(frozen=True)
 class HostState:
-    """What the release directory of one fraise on one host contains."""
+    """Contents of the release directory of one fraise on one host."""
 
     exists: bool
     current: str | None
@@ -190,9 +190,11 @@ class ReleasePaths:
 
 
 def releases_to_remove(state: HostState, keep: int, protect: Iterable[str | None]) -> list[str]:
-    """Choose releases to delete: keep the newest ``keep`` good ones, current, last healthy and
-    every protected release (such as this run's rollback target); delete failed ones except the
-    newest, which is kept for inspection.
+    """Choose the releases to delete.
+
+    Kept are the newest ``keep`` good releases, the current one, the last healthy one and every
+    protected release, such as this run's rollback target. Failed releases are deleted except
+    the newest, which stays for inspection.
     """
     protected = {p for p in protect if p}
     if state.current:

@@ -1,8 +1,9 @@
 """One run of a task against one environment and fraise: plan, batches, rollback, records.
 
-The flow of a deploy: load the recipe and render every command for every host (so a bad
-variable fails before any host is contacted), prepare the release archive once, take the
-cross-controller lock in the run database, then deploy batch after batch. A batch whose failures
+A deploy first loads the recipe and renders every command for every host, so a bad variable
+fails before any host is contacted. It then packs the release archive once, takes the
+cross-controller lock in the run database, connects to and locks every host, and deploys batch
+after batch. A batch whose failures
 push the run over ``max_fail_percentage`` stops the run; hosts it already switched are then
 rolled back or left, by ``on_failure``. The exit code is 0 only when every targeted host ended
 on the new release and healthy.
@@ -145,7 +146,7 @@ class RunResult:
 
 @dataclasses.dataclass
 class RunServices:
-    """What a run writes to besides the hosts: the recorder, a database lock, metrics, audit."""
+    """Services of a run besides its hosts: the recorder, the database lock, metrics, audit."""
 
     recorder: Recorder = dataclasses.field(default_factory=NullRecorder)
     db_lock: Callable[[str, str, Any, float], contextlib.AbstractContextManager[Any]] | None = None
