@@ -211,7 +211,8 @@ class HostDeployer:
             state_lines = hostrun.lock.acquire(
                 prefix=paths.prepare_command() + " || exit 1", suffix=paths.read_state_command()
             )
-        except FraisierError as exc:
+        except Exception as raw:
+            exc = _as_fraisier_error(raw, hostrun.host.name, "connect")
             self._record_internal(hostrun, "connect", started, exc)
             if isinstance(exc, LockHeldError):
                 self._read_current(hostrun)
@@ -286,7 +287,8 @@ class HostDeployer:
                 with step_span(step.name, attempts):
                     result = self._execute(hostrun, step)
                 break
-            except FraisierError as exc:
+            except Exception as raw:
+                exc = _as_fraisier_error(raw, hostrun.host.name, step.name)
                 if isinstance(exc, CommandFailedError) and retry.max_attempts > 1:
                     # A step with retries declares its command safe to run again.
                     exc.recoverable = True
@@ -722,6 +724,22 @@ def _wait_unless_stopped(seconds: float, should_stop: Callable[[], bool]) -> boo
             return False
         time.sleep(min(0.1, remaining))
     return True
+
+
+def _as_fraisier_error(exc: Exception, host: str, step: str) -> FraisierError:
+    """Translate any exception of a host worker, so one host's bug never ends the whole run."""
+    if isinstance(exc, FraisierError):
+        return exc
+    error = translate_exception(exc, host=host, step=step)
+    log.error(
+        "unexpected %s on %s during %s: %s",
+        type(exc).__name__,
+        host,
+        step,
+        exc,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
+    return error
 
 
 def rollback_reason(error: FraisierError, settings: Settings) -> str | None:

@@ -352,12 +352,13 @@ _config_cache: dict[tuple[object, ...], Any] = {}
 
 
 def _fabric_config() -> Any:
-    """Return a Fabric Config shared by the connections of this process.
+    """Return a Fabric Config for one connection, cloned from one parsed per process.
 
     Building a Config reads and parses the SSH config files, which cost 5 to 6 ms of CPU per
-    connection on the benchmark machine (see docs/benchmarks.md). A Connection only reads the
-    Config it is given, so one Config serves every host. It is rebuilt when ``~/.ssh/config``
-    or ``/etc/ssh/ssh_config`` changes.
+    connection on the loaded benchmark machine (see docs/benchmarks.md), so the files are parsed
+    once and each connection gets a clone. A Connection changes its Config as it resolves its
+    host, so sharing one Config between threads raced and failed. The parsed Config is rebuilt
+    when ``~/.ssh/config`` or ``/etc/ssh/ssh_config`` changes.
     """
     from fabric import Config
 
@@ -374,7 +375,7 @@ def _fabric_config() -> Any:
         if config is None:
             _config_cache.clear()
             config = _config_cache[key] = Config()
-        return config
+        return config.clone()
 
 
 def _find_pid(stderr: bytes | bytearray, token: str) -> int | None:

@@ -279,3 +279,45 @@ def test_shipped_inventories_and_recipes_load():
 
 def test_shell_quote_helper_matches_shlex():
     assert render("{{ v }}", {"v": "a b"}) == shlex.quote("a b")
+
+
+def test_host_worker_bug_fails_only_that_host(tmp_path):
+    from fraisier.interrupt import Interrupt
+    from fraisier.runner import FraiseRun, RunOptions, RunServices
+    from fraisier.transport.local import LocalTransport
+
+    class BrokenTransport(LocalTransport):
+        def connect(self) -> None:
+            raise KeyError("gateway")
+
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "job.yaml").write_text(
+        yaml.safe_dump({"steps": [{"name": "hi", "run": "true"}]})
+    )
+    path = _write_inventory(
+        tmp_path,
+        {
+            "hosts": {"good": {"connection": "local"}, "bad": {"connection": "local"}},
+            "fraises": {"job": {"recipe": "job", "deploy_to": str(tmp_path / "d" / "{{ host }}")}},
+            "settings": {"max_fail_percentage": 50},
+        },
+    )
+    inventory = load_inventory(path, "test")
+
+    def factory(host):
+        return BrokenTransport(host) if host.name == "bad" else LocalTransport(host)
+
+    run = FraiseRun(
+        inventory,
+        inventory.fraise("job"),
+        task="deploy",
+        options=RunOptions(),
+        services=RunServices(transport_factory=factory),
+        interrupt=Interrupt(),
+    )
+    result = run.deploy(tmp_path)
+    statuses = {h.host: h.status for h in result.hosts}
+    assert statuses == {"good": "success", "bad": "failed"}
+    assert result.exit_code == 1
+    bad = next(h for h in result.hosts if h.host == "bad")
+    assert "KeyError" in bad.error_message
