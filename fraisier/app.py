@@ -176,17 +176,26 @@ def backends(inventory: Inventory) -> Iterator[Backends]:
             result.run.push_error = error
             recorder.save_run(result.run)
 
-    def previous_config(environment: str, fraise: str) -> dict[str, Any] | None:
+    def previous_config(
+        environment: str, fraise: str, digest: str
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Compare with the last deploy's configuration digest; load its snapshot if it differs."""
         try:
             store = store_factory()
             for run in store.list_runs(environment, fraise, limit=10):
+                if run.task != "deploy" or not run.config_digest:
+                    continue
+                if run.config_digest == digest:
+                    return False, None
+                # Only a changed configuration pays for reading the run's events.
                 detail = store.get_run(run.run_id)
                 for event in detail.events if detail else []:
                     if event.kind == "run_started" and isinstance(event.detail.get("config"), dict):
-                        return event.detail["config"]
+                        return True, event.detail["config"]
+                return True, None
         except FraisierError as exc:
             log.warning("cannot read the previous configuration: %s", exc.message)
-        return None
+        return True, None
 
     services = RunServices(
         recorder=recorder,

@@ -154,7 +154,8 @@ class RunServices:
     on_run_end: Callable[[RunResult], None] | None = None
     audit: Callable[[AuditEvent], None] | None = None
     transport_factory: Callable[[Host], Any] | None = None
-    previous_config: Callable[[str, str], dict[str, Any] | None] | None = None
+    # (environment, fraise, digest) -> whether the configuration changed, and the previous one.
+    previous_config: Callable[[str, str, str], tuple[bool, dict[str, Any] | None]] | None = None
 
 
 def new_run_id() -> str:
@@ -389,10 +390,12 @@ class FraiseRun:
         self, run: RunRecord, release_id: str, artifact: Artifact | None, plan: list[str]
     ) -> RunResult:
         snapshot = self.config_snapshot()
-        previous = None
-        if self.services.previous_config is not None:
-            previous = self.services.previous_config(self.inventory.environment, self.fraise.name)
         run.config_digest = config_digest(snapshot)
+        changed, previous = True, None
+        if self.services.previous_config is not None:
+            changed, previous = self.services.previous_config(
+                self.inventory.environment, self.fraise.name, run.config_digest
+            )
         self.services.recorder.save_run(run)
         if self.services.on_run_start:
             self.services.on_run_start(run)
@@ -409,7 +412,7 @@ class FraiseRun:
             config_digest=run.config_digest,
             config=snapshot,
         )
-        if previous is None or config_digest(previous) != run.config_digest:
+        if changed:
             self._audit("config_changed", previous=previous, current=snapshot)
         log.info(
             "deploying release %s (%s) to %d host(s)",

@@ -187,3 +187,29 @@ def test_secret_stays_out_of_logs_rows_and_metrics(tmp_path: Path, pushgateway: 
     assert f'environment="{environment}"' in metrics
     assert SECRET not in metrics
     assert DB_PASSWORD not in metrics
+
+
+def test_config_change_is_audited_once(tmp_path: Path) -> None:
+    environment = "audit"
+    env = {"FRAISIER_DATABASE_URL": f"sqlite:///{tmp_path}/runs.db"}
+    root = _project(tmp_path, environment, fail=False)
+    kinds = []
+    for change in (None, None, "renamed"):
+        if change:
+            recipe = dict(RECIPE, description=change)
+            (root / "tasks" / "job.yaml").write_text(yaml.safe_dump(recipe))
+        result = run_fraisier(root, "deploy", "--env", environment, "--json", env=env)
+        assert result.returncode == 0, result
+        run_id = result.json()[0]["run_id"]
+        shown = run_fraisier(root, "show", run_id, "--json", env=env)
+        assert shown.returncode == 0, shown
+        events = shown.json()["events"]
+        kinds.append([e["kind"] for e in events])
+        if change:
+            changed = next(e for e in events if e["kind"] == "config_changed")
+            paths = [c["path"] for c in changed["detail"]["changes"]]
+            assert paths == ["recipe.description"]
+    assert "config_changed" in kinds[0]
+    assert "config_changed" not in kinds[1]
+    assert "config_changed" in kinds[2]
+    assert all("run_started" in k and "run_ended" in k for k in kinds)
