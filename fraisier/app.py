@@ -93,12 +93,13 @@ def _var_dir(inventory: Inventory) -> Path:
 def backends(inventory: Inventory) -> Iterator[Backends]:
     """Open the run database (migrating an empty one), the journal, audit and metrics push."""
     from fraisier.audit import Auditor
-    from fraisier.db import open_store, resolve_database_url
+    from fraisier.db import default_journal_path, open_store, resolve_database_url
     from fraisier.db.recorder import Recorder
     from fraisier.metrics import push_run_metrics, push_run_start, resolve_pushgateway_url
 
     url = resolve_database_url(inventory.settings.database, inventory.project_root)
-    journal = _var_dir(inventory) / "journal.jsonl"
+    _var_dir(inventory)
+    journal = default_journal_path(inventory.project_root, url)
     state: dict[str, Any] = {"store": None}
 
     def store_factory() -> Any:

@@ -23,6 +23,7 @@ from fraisier.inventory import Fraise, Host, Settings
 from fraisier.recipes import Recipe, Step
 from fraisier.records import HostRecord, StepRecord, tail, utc_now
 from fraisier.recovery import RetryStrategy, RollbackRecoveryStrategy
+from fraisier.redact import redact
 from fraisier.release import HostState, ReleasePaths, releases_to_remove
 from fraisier.sources import Artifact
 from fraisier.tracing import host_span, step_span
@@ -420,8 +421,8 @@ class HostDeployer:
         assert hostrun.transport is not None
         result = hostrun.transport.run(command, timeout=timeout, cwd=cwd, env=env, sudo=sudo)
         if result.exit_status != 0:
-            stdout_tail, _ = tail(result.stdout, 2000)
-            stderr_tail, _ = tail(result.stderr, 2000)
+            stdout_tail, _ = tail(redact(result.stdout), 2000)
+            stderr_tail, _ = tail(redact(result.stderr), 2000)
             last = (result.stderr.strip() or result.stdout.strip()).splitlines()[-3:]
             raise CommandFailedError(
                 f"step '{step.name}' exited {result.exit_status} on {hostrun.host.name}"
@@ -527,8 +528,9 @@ class HostDeployer:
         stderr = result.stderr if result else getattr(error, "stderr_tail", "") or ""
         if error is not None and not stderr:
             stderr = error.message
-        stdout_tail, cut_out = tail(stdout)
-        stderr_tail, cut_err = tail(stderr)
+        # Redact before cutting, so that a secret split by the cut cannot survive in part.
+        stdout_tail, cut_out = tail(redact(stdout))
+        stderr_tail, cut_err = tail(redact(stderr))
         status = "success"
         if error is not None:
             status = "timeout" if isinstance(error, DeploymentTimeoutError) else "failed"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import shlex
 import threading
 import urllib.parse
 from typing import Any
@@ -123,7 +124,13 @@ class Redactor:
             )
             return
 
-        candidates = {value, urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)}
+        # The shell-quoted form is what a command shows after {{ }} templating.
+        candidates = {
+            value,
+            shlex.quote(value),
+            urllib.parse.quote(value, safe=""),
+            urllib.parse.quote_plus(value),
+        }
         if "\n" in value:
             candidates.update(
                 line.strip()

@@ -284,7 +284,8 @@ def db_sync(c: Context, env: str | None = None) -> None:
     from fraisier.db.recorder import Recorder
 
     with _store(env, check_schema=False) as (store, root):
-        journal = default_journal_path(root)
+        url = resolve_database_url(inventory_database_setting(root, env), root)
+        journal = default_journal_path(root, url)
         recorder = Recorder(lambda: store, journal)
         try:
             replayed = recorder.replay(strict=True)

@@ -6,12 +6,14 @@ this package loads neither psycopg2 nor PyMySQL.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 from fraisier.db.base import HostRelease, RunDetail, RunStats, RunStore
 from fraisier.db.url import DatabaseURL, parse_database_url
 from fraisier.errors import ConfigurationError
+from fraisier.redact import redact
 
 __all__ = [
     "DATABASE_URL_ENV",
@@ -81,10 +83,12 @@ def resolve_database_url(setting: str | None, project_root: Path) -> str:
     return url
 
 
-def default_journal_path(project_root: Path) -> Path:
-    """Return the journal path, ``<project_root>/var/journal.jsonl``.
+def default_journal_path(project_root: Path, url: str) -> Path:
+    """Return the journal of one database: ``<project_root>/var/journal-<digest>.jsonl``.
 
-    The default SQLite database lives in the same directory, so with the default URL the
-    journal sits next to the SQLite file.
+    Each database URL has its own journal, named by a digest of the URL without its password,
+    so records journaled for one database are never replayed into another.
     """
-    return Path(project_root) / "var" / "journal.jsonl"
+    identity = str(redact(url))
+    digest = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:12]
+    return Path(project_root) / "var" / f"journal-{digest}.jsonl"

@@ -13,7 +13,7 @@ import yaml
 from history_data import at, write_history
 from support import free_port
 
-from fraisier.db import open_store
+from fraisier.db import default_journal_path, open_store
 from fraisier.db.recorder import Recorder
 from fraisier.errors import ExitCode
 from fraisier.records import RunRecord
@@ -147,15 +147,20 @@ def test_sync_replays_journal(databases, dialect, tmp_path):
     url = databases.url(dialect)
     root = _project(tmp_path, None)
     down = f"mysql://root@127.0.0.1:{free_port()}/nothing"
-    recorder = Recorder(lambda: open_store(down), root / "var" / "journal.jsonl")
+    # The records were journaled for ``url`` while its server could not be reached.
+    recorder = Recorder(lambda: open_store(down), default_journal_path(root, url))
     recorder.save_run(RunRecord("run-j", "prod", "api", "deploy", at(0), "success"))
     recorder.save_run(RunRecord("run-k", "prod", "api", "deploy", at(5), "failed"))
+    other = f"sqlite:///{tmp_path}/other.db"
 
     offline = _fraisier(root, "db.sync", env={"FRAISIER_DATABASE_URL": down})
+    elsewhere = _fraisier(root, "db.sync", env={"FRAISIER_DATABASE_URL": other})
     online = _fraisier(root, "db.sync", env={"FRAISIER_DATABASE_URL": url})
     again = _fraisier(root, "db.sync", env={"FRAISIER_DATABASE_URL": url})
 
     assert offline.returncode == ExitCode.DATABASE
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "replayed 0 journaled record(s)" in elsewhere.stdout
     assert online.returncode == 0, online.stderr
     assert "replayed 2 journaled record(s)" in online.stdout
     assert "replayed 0 journaled record(s)" in again.stdout
