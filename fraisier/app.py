@@ -15,7 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fraisier.errors import ConfigurationError, ExitCode, FraisierError, SchemaVersionError
+from fraisier.errors import (
+    ConfigurationError,
+    DatabaseError,
+    ExitCode,
+    FraisierError,
+    SchemaVersionError,
+)
 from fraisier.interrupt import Interrupt
 from fraisier.inventory import Inventory, find_inventory, load_inventory
 from fraisier.logging import log_context
@@ -100,9 +106,15 @@ def backends(inventory: Inventory) -> Iterator[Backends]:
     url = resolve_database_url(inventory.settings.database, inventory.project_root)
     _var_dir(inventory)
     journal = default_journal_path(inventory.project_root, url)
-    state: dict[str, Any] = {"store": None}
+    state: dict[str, Any] = {"store": None, "down": None}
 
     def store_factory() -> Any:
+        if state["down"] is not None:
+            # One run pays for the connection timeouts and retries once, not at every record.
+            raise DatabaseError(
+                f"the run database was unavailable at the start of this run: {state['down']}",
+                recoverable=True,
+            )
         if state["store"] is None:
             store = open_store(url)
             try:
@@ -115,10 +127,12 @@ def backends(inventory: Inventory) -> Iterator[Backends]:
 
     try:
         store_factory()
-    except SchemaVersionError:
-        # An old or too new schema stops the run before any host is contacted.
+    except (SchemaVersionError, ConfigurationError):
+        # An old or too new schema, a bad URL or a missing driver stops the run before any
+        # host is contacted.
         raise
     except FraisierError as exc:
+        state["down"] = exc.message
         log.warning(
             "run database unavailable (%s): records go to the journal %s and are replayed by "
             "the next run or 'inv db.sync'",
@@ -128,7 +142,7 @@ def backends(inventory: Inventory) -> Iterator[Backends]:
 
     recorder = Recorder(store_factory, journal)
     try:
-        replayed = recorder.replay()
+        replayed = recorder.replay() if state["down"] is None else 0
         if replayed:
             log.info("replayed %d journaled record(s) into the run database", replayed)
     except SchemaVersionError:
@@ -149,7 +163,7 @@ def backends(inventory: Inventory) -> Iterator[Backends]:
                 "run database unavailable, deploying without the cross-controller lock: %s",
                 exc.message,
             )
-            return contextlib.nullcontext()
+            return contextlib.nullcontext(False)
         lock_holder = LockHolder(
             run_id=holder.run_id,
             user=holder.user,
@@ -277,7 +291,7 @@ def prepare_schema(store: Any) -> None:
 @contextlib.contextmanager
 def _locked_and_abandon(
     store: Any, environment: str, fraise: str, holder: Any, wait_seconds: float
-) -> Iterator[None]:
+) -> Iterator[bool]:
     with store.lock(environment, fraise, holder, wait_seconds):
         try:
             abandoned = store.mark_abandoned(environment, fraise, holder.run_id)
@@ -285,7 +299,7 @@ def _locked_and_abandon(
                 log.warning("run %s lost its controller and is marked abandoned", run_id)
         except FraisierError as exc:
             log.warning("could not check for abandoned runs: %s", exc.message)
-        yield
+        yield True
 
 
 # --- tasks -----------------------------------------------------------------------------------

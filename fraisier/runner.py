@@ -344,7 +344,12 @@ class FraiseRun:
             return
         with self.services.db_lock(
             self.inventory.environment, self.fraise.name, self.holder, self.options.wait_lock
-        ):
+        ) as held:
+            # The database lock context gives False when the database is down and no lock
+            # was taken, so no audit event claims one.
+            if held is False:
+                yield
+                return
             self._audit("lock_taken", scope="database", holder=self.holder.describe())
             try:
                 yield
