@@ -209,8 +209,10 @@ class HostDeployer:
             self._connect(hostrun, transport)
             paths = self.paths_for(hostrun)
             hostrun.lock = HostLock(transport, paths, self.holder, self.settings.lock_stale_after)
+            # Archives left by a run that died mid-upload are removed once the lock is held.
             state_lines = hostrun.lock.acquire(
-                prefix=paths.prepare_command() + " || exit 1", suffix=paths.read_state_command()
+                prefix=paths.prepare_command() + " || exit 1",
+                suffix=paths.clear_uploads_command() + "\n" + paths.read_state_command(),
             )
         except Exception as raw:
             exc = _as_fraisier_error(raw, hostrun.host.name, "connect")

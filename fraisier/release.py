@@ -131,6 +131,9 @@ class ReleasePaths:
             quote(p) for p in (self.releases, self.shared, self.uploads)
         )
 
+    def clear_uploads_command(self) -> str:
+        return f"rm -f -- {quote(self.uploads)}/*.tar.gz"
+
     def upload_path(self, release_id: str) -> str:
         return f"{self.uploads}/{validate_release_id(release_id)}.tar.gz"
 
@@ -141,7 +144,8 @@ class ReleasePaths:
         return (
             f"mkdir -- {quote(release)} || exit 1\n"
             f"echo building > {quote(release + '/' + STATE_FILE)}\n"
-            f"tar -xzf {quote(archive)} -C {quote(release)} || exit 1\n"
+            f"tar -xzf {quote(archive)} -C {quote(release)} || "
+            f"{{ rm -f -- {quote(archive)}; exit 1; }}\n"
             f"rm -f -- {quote(archive)}\n"
             f"printf '%s\\n' {quote(revision)} > {quote(release + '/REVISION')}\n"
         )

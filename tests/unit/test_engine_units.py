@@ -321,3 +321,43 @@ def test_host_worker_bug_fails_only_that_host(tmp_path):
     assert result.exit_code == 1
     bad = next(h for h in result.hosts if h.host == "bad")
     assert "KeyError" in bad.error_message
+
+
+def test_unwritable_lock_is_not_a_held_lock(tmp_path):
+    from fraisier.errors import DeploymentError, LockHeldError
+    from fraisier.hostlock import Holder, HostLock
+    from fraisier.inventory import Host
+    from fraisier.transport.local import LocalTransport
+
+    (tmp_path / ".fraisier").write_text("a file where the lock folder belongs")
+    holder = Holder("run1", "me", "controller", 1, "2026-01-01T00:00:00+00:00", "test", "app")
+    lock = HostLock(
+        LocalTransport(Host("h", "127.0.0.1", "local")), ReleasePaths(str(tmp_path)), holder, 60
+    )
+
+    with pytest.raises(DeploymentError) as caught:
+        lock.acquire()
+
+    assert not isinstance(caught.value, LockHeldError)
+    assert caught.value.code == "lock_failed"
+    assert "check that the deploy user can write there" in caught.value.message
+
+
+def test_lock_acquire_runs_suffix_and_names_holder(tmp_path):
+    from fraisier.errors import LockHeldError
+    from fraisier.hostlock import Holder, HostLock
+    from fraisier.inventory import Host
+    from fraisier.transport.local import LocalTransport
+
+    transport = LocalTransport(Host("h", "127.0.0.1", "local"))
+    paths = ReleasePaths(str(tmp_path))
+    first = Holder("run1", "alice", "ctl-a", 1, "2026-01-01T00:00:00+00:00", "test", "app")
+    second = Holder("run2", "bob", "ctl-b", 2, "2026-01-01T00:00:01+00:00", "test", "app")
+
+    lines = HostLock(transport, paths, first, 60).acquire(
+        prefix=paths.prepare_command(), suffix="echo after"
+    )
+    assert lines == ["after"]
+    with pytest.raises(LockHeldError) as caught:
+        HostLock(transport, paths, second, 60).acquire()
+    assert "run run1 by alice on ctl-a" in caught.value.message
