@@ -11,6 +11,7 @@ from typing import Any
 from fraisier.error_handler import ErrorHandler, default_handler
 from fraisier.errors import (
     CommandFailedError,
+    ConfigurationError,
     DeploymentTimeoutError,
     FraisierError,
     LockHeldError,
@@ -116,12 +117,7 @@ class HostDeployer:
         deploy_to = render_plain(
             self.fraise.deploy_to, variables, where=f"deploy_to of fraise {self.fraise.name}"
         )
-        if not deploy_to.startswith("/"):
-            raise FraisierError(
-                f"deploy_to of fraise '{self.fraise.name}' on host {host.name} is {deploy_to!r}; "
-                "it must be an absolute path",
-                code="configuration_error",
-            )
+        check_deploy_to(deploy_to, self.fraise.name, host.name)
         paths = ReleasePaths(deploy_to)
         variables.update(
             deploy_to=paths.deploy_to,
@@ -728,6 +724,23 @@ def _wait_unless_stopped(seconds: float, should_stop: Callable[[], bool]) -> boo
             return False
         time.sleep(min(0.1, remaining))
     return True
+
+
+def check_deploy_to(deploy_to: str, fraise: str, host: str) -> None:
+    """Reject a deploy_to that is relative, the root folder, or climbs with '..'."""
+    parts = deploy_to.split("/")
+    problem = None
+    if not deploy_to.startswith("/"):
+        problem = "it must be an absolute path"
+    elif ".." in parts or "." in parts:
+        problem = "it must not contain '.' or '..' parts"
+    elif deploy_to.rstrip("/") == "":
+        problem = "it must not be the root folder '/'"
+    if problem:
+        raise ConfigurationError(
+            f"invalid deploy_to {deploy_to!r} of fraise '{fraise}' on host {host}: {problem}; "
+            f"fix 'fraises.{fraise}.deploy_to' in the inventory, for example /srv/{fraise}"
+        )
 
 
 def _as_fraisier_error(exc: Exception, host: str, step: str) -> FraisierError:

@@ -53,7 +53,23 @@ class Secret(str):
 
 
 class _InventoryLoader(yaml.SafeLoader):
-    """YAML loader with ``!secret VALUE`` and ``!env NAME`` tags."""
+    """YAML loader with ``!secret VALUE`` and ``!env NAME`` tags that rejects duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, tuple[int, int]] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            mark = key_node.start_mark
+            try:
+                first = seen.setdefault(key, (mark.line, mark.column))
+            except TypeError:
+                continue
+            if first != (mark.line, mark.column):
+                raise ConfigurationError(
+                    f"{mark.name}:{mark.line + 1}: duplicate key {key!r}, first defined at line "
+                    f"{first[0] + 1}; YAML keeps only the last one, so remove or rename one of them"
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 def _construct_secret(loader: yaml.SafeLoader, node: yaml.Node) -> Secret:
@@ -343,7 +359,8 @@ class Inventory:
         """Return the named fraises, or all of them."""
         if not names:
             return list(self.fraises.values())
-        return [self.fraise(n) for n in names]
+        unique = list(dict.fromkeys(names))
+        return [self.fraise(n) for n in unique]
 
     def hosts_for(self, fraise: Fraise, limit: str | None = None) -> list[Host]:
         """Return the fraise's hosts, narrowed by ``--limit`` (comma-separated hosts or groups)."""

@@ -27,13 +27,21 @@ def _require(**values: str | None) -> None:
             )
 
 
+def _check_wait_lock(seconds: int) -> None:
+    if seconds < 0:
+        raise Exit(
+            f"error: --wait-lock must be 0 or more seconds, got {seconds}",
+            code=int(ExitCode.CONFIGURATION),
+        )
+
+
 def _run(
     action: Callable[[], int], log_format: str, log_level: str | None, log_file: str | None
 ) -> None:
     from fraisier.logging import configure_logging
 
-    configure_logging(level=log_level, fmt=log_format, log_file=log_file)
     try:
+        configure_logging(level=log_level, fmt=log_format, log_file=log_file)
         code = action()
     except FraisierError as exc:
         raise Exit(f"error: {exc}", code=int(exc.exit_code)) from None
@@ -76,6 +84,7 @@ def deploy(
     from fraisier.app import run_task
     from fraisier.runner import RunOptions
 
+    _check_wait_lock(wait_lock)
     options = RunOptions(limit=limit, ref=ref, dry_run=dry_run, wait_lock=float(wait_lock))
     _run(
         lambda: run_task(
@@ -118,6 +127,7 @@ def rollback(
     from fraisier.app import run_task
     from fraisier.runner import RunOptions
 
+    _check_wait_lock(wait_lock)
     options = RunOptions(limit=limit, wait_lock=float(wait_lock))
     _run(
         lambda: run_task(

@@ -361,3 +361,53 @@ def test_lock_acquire_runs_suffix_and_names_holder(tmp_path):
     with pytest.raises(LockHeldError) as caught:
         HostLock(transport, paths, second, 60).acquire()
     assert "run run1 by alice on ctl-a" in caught.value.message
+
+
+def test_duplicate_yaml_key_rejected(tmp_path):
+    folder = tmp_path / "inventories"
+    folder.mkdir()
+    path = folder / "test.yaml"
+    path.write_text(
+        "hosts:\n  a: {connection: local}\nfraises:\n  app: {deploy_to: /x}\n  app: {deploy_to: /y}\n"
+    )
+    with pytest.raises(
+        ConfigurationError, match=rf"{path}:5: duplicate key 'app', first defined at line 4"
+    ):
+        load_inventory(path, "test")
+
+
+@pytest.mark.parametrize("deploy_to", ["relative/dir", "/", "/srv/../etc", "/srv/./app"])
+def test_deploy_to_rejected_before_contact(tmp_path, deploy_to):
+    from fraisier.interrupt import Interrupt
+    from fraisier.runner import FraiseRun, RunOptions, RunServices
+
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "job.yaml").write_text(
+        yaml.safe_dump({"steps": [{"name": "hi", "run": "true"}]})
+    )
+    path = _write_inventory(
+        tmp_path,
+        {
+            "hosts": {"h": {"connection": "local"}},
+            "fraises": {"job": {"recipe": "job", "deploy_to": deploy_to}},
+        },
+    )
+    inventory = load_inventory(path, "test")
+    run = FraiseRun(
+        inventory,
+        inventory.fraise("job"),
+        task="deploy",
+        options=RunOptions(),
+        services=RunServices(),
+        interrupt=Interrupt(),
+    )
+    with pytest.raises(ConfigurationError, match="invalid deploy_to"):
+        run.plan("r1")
+
+
+def test_select_deduplicates_fraises(tmp_path):
+    path = _write_inventory(
+        tmp_path, {"hosts": {"h": {"connection": "local"}}, "fraises": {"a": {"deploy_to": "/x"}}}
+    )
+    inventory = load_inventory(path, "test")
+    assert [f.name for f in inventory.select(["a", "a"])] == ["a"]
