@@ -500,10 +500,18 @@ def releases_report(
 
 
 def unlock(
-    environment: str, fraise: str, *, host: str | None = None, inventory: str | None = None
+    environment: str,
+    fraise: str,
+    *,
+    host: str | None = None,
+    inventory: str | None = None,
+    force: bool = False,
 ) -> int:
-    """Remove the deploy lock of a fraise on its hosts (or one host), printing each holder."""
-    from fraisier.hostlock import break_lock_command
+    """Remove the deploy lock of a fraise on its hosts (or one host), printing each holder.
+
+    A lock whose holder process still runs on this controller is kept unless ``force``.
+    """
+    from fraisier.hostlock import break_lock_command, holder_is_alive, read_lock_command
     from fraisier.release import ReleasePaths
     from fraisier.transport import open_transport
 
@@ -524,8 +532,19 @@ def unlock(
         try:
             transport.connect()
             paths = ReleasePaths(deployer.variables_for(target, None)["deploy_to"])
-            result = transport.run(break_lock_command(paths), timeout=30)
-            holder = result.stdout.strip() or "no lock"
+            holder = transport.run(read_lock_command(paths), timeout=30).stdout.strip()
+            if not holder:
+                print(f"{target.name}: no lock")
+                continue
+            if holder_is_alive(holder) and not force:
+                print(
+                    f"{target.name}: kept the lock of a run that is still running on this "
+                    f"controller ({holder}); wait for it, or pass --force"
+                )
+                status = int(ExitCode.LOCK_HELD)
+                continue
+            transport.run(break_lock_command(paths), timeout=30)
+            log.warning("removed the deploy lock on %s held by %s", target.name, holder)
             print(f"{target.name}: removed lock ({holder})")
         except FraisierError as exc:
             print(f"{target.name}: error: {exc.message}")

@@ -174,10 +174,27 @@ class HostLock:
         self.held = False
 
 
-def break_lock_command(paths: ReleasePaths) -> str:
-    """Return the command that prints and removes a lock, for ``inv unlock``."""
+def read_lock_command(paths: ReleasePaths) -> str:
+    """Return the command that prints the lock's holder, or nothing when there is no lock."""
     holder = f"{paths.lock}/{HOLDER_FILE}"
-    return f"cat -- {quote(holder)} 2>/dev/null; rm -rf -- {quote(paths.lock)}"
+    return f"[ -d {quote(paths.lock)} ] && {{ cat -- {quote(holder)} 2>/dev/null || echo '{{}}'; }}; true"
+
+
+def break_lock_command(paths: ReleasePaths) -> str:
+    """Return the command that removes a lock, for ``inv unlock``."""
+    return f"rm -rf -- {quote(paths.lock)}"
+
+
+def holder_is_alive(holder_json: str) -> bool:
+    """Return whether a lock holder is a process that still runs on this controller."""
+    try:
+        info = json.loads(holder_json)
+    except ValueError:
+        return False
+    pid = info.get("pid") if isinstance(info, dict) else None
+    if info.get("controller") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    return _pid_alive(pid)
 
 
 def controller_identity() -> tuple[str, str, int]:

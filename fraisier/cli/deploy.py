@@ -184,6 +184,7 @@ def releases(
         "env": "environment",
         "fraise": "fraise whose lock to remove",
         "host": "only this host",
+        "force": "remove the lock even when its run still runs on this controller",
         **LOG_HELP,
     },
 )
@@ -193,6 +194,7 @@ def unlock(
     fraise: str | None = None,
     host: str | None = None,
     inventory: str | None = None,
+    force: bool = False,
     log_format: str = "auto",
     log_level: str | None = None,
     log_file: str | None = None,
@@ -202,7 +204,7 @@ def unlock(
     from fraisier.app import unlock as unlock_hosts
 
     _run(
-        lambda: unlock_hosts(env, fraise, host=host, inventory=inventory),
+        lambda: unlock_hosts(env, fraise, host=host, inventory=inventory, force=force),
         log_format,
         log_level,
         log_file,
