@@ -62,6 +62,8 @@ class NullRecorder:
         self.runs: list[RunRecord] = []
         self.hosts: list[HostRecord] = []
         self.steps: list[StepRecord] = []
+        # Hosts that a rollback could not reach or lock, so it switched none.
+        self._blocked: list[HostRun] = []
         self.events: list[AuditEvent] = []
 
     def save_run(self, run: RunRecord) -> None:
@@ -654,20 +656,53 @@ class FraiseRun:
                 for h in self.hosts
             ]
             try:
-                workers = max(1, min(self.settings.forks, len(hostruns)))
-                with ThreadPoolExecutor(
-                    max_workers=workers, thread_name_prefix="fraisier-host"
-                ) as pool:
-                    for future in [
-                        pool.submit(self._rollback_host, deployer, hr, to_release)
-                        for hr in hostruns
-                    ]:
-                        future.result()
+                # As in a deploy, every host is locked before any host switches.
+                self._run_batch(deployer, hostruns, work=self._lock_for_rollback)
+                blocked = [hr for hr in hostruns if hr.error is not None]
+                self._blocked = blocked
+                if blocked:
+                    for hostrun in hostruns:
+                        if hostrun.error is None:
+                            hostrun.record.status = "skipped"
+                            hostrun.record.final_release = hostrun.previous_release
+                            hostrun.record.error_message = (
+                                "not changed: another host of this rollback cannot be locked"
+                            )
+                            self.services.recorder.save_host(hostrun.record)
+                else:
+                    self._run_batch(
+                        deployer,
+                        hostruns,
+                        work=lambda hr: self._rollback_host(deployer, hr, to_release),
+                    )
             finally:
                 for hostrun in hostruns:
                     deployer.release_lock(hostrun)
                     deployer.close(hostrun)
             return self._finish_rollback(run, hostruns)
+
+    def _lock_for_rollback(self, hostrun: HostRun) -> None:
+        """Connect to and lock one host for a rollback; record the failure on the host."""
+        from fraisier.hostrun import StepError
+
+        deployer = self._deployer("rollback", None)
+        record = hostrun.record
+        try:
+            deployer._connect_and_lock(hostrun)
+        except FraisierError as exc:
+            cause = exc.cause if isinstance(exc, StepError) else exc
+            hostrun.error = cause
+            record.started_at = record.started_at or utc_now()
+            record.ended_at = utc_now()
+            if record.status != "unreachable":
+                record.status = "failed"
+            record.error_code = cause.code
+            record.error_message = cause.message
+            record.final_release = hostrun.previous_release
+            self.services.recorder.save_host(record)
+            log.error(
+                "cannot lock for the rollback: %s", cause.message, extra={"event": "host_end"}
+            )
 
     def _rollback_host(
         self, deployer: HostDeployer, hostrun: HostRun, to_release: str | None
@@ -681,7 +716,8 @@ class FraiseRun:
             record.started_at = utc_now()
             record.status = "running"
             try:
-                deployer._connect_and_lock(hostrun)
+                if hostrun.lock is None or not hostrun.lock.held:
+                    deployer._connect_and_lock(hostrun)
                 state = hostrun.state
                 assert state is not None
                 target = to_release or state.rollback_target()
@@ -698,7 +734,10 @@ class FraiseRun:
                         f"release {target} not found on {hostrun.host.name}; releases there: {known}",
                         code="release_not_found",
                     )
-                if target_state not in GOOD_STATES:
+                # A release an operator rolled back from is no default target, but --to may
+                # name it again.
+                allowed = (*GOOD_STATES, "rolled_back") if to_release else GOOD_STATES
+                if target_state not in allowed:
                     raise FraisierError(
                         f"release {target} on {hostrun.host.name} is marked {target_state}; "
                         "choose a release marked ready or healthy",
@@ -714,6 +753,9 @@ class FraiseRun:
                     )
                     return
                 self._switch_back(hostrun, target, state.current)
+                hostrun.switched = True
+                if state.current:
+                    deployer._mark(hostrun, state.current, "rolled_back")
                 record.status = "success"
                 record.final_release = target
                 self._audit(
@@ -771,9 +813,16 @@ class FraiseRun:
         failed = [hr for hr in hostruns if hr.record.status != "success"]
         run.status = "failed" if failed else "success"
         run.exit_code = int(ExitCode.ROLLBACK_FAILED if failed else ExitCode.SUCCESS)
-        if failed and all(hr.record.error_code in REFUSED_ROLLBACK_CODES for hr in failed):
+        refused = failed and all(hr.record.error_code in REFUSED_ROLLBACK_CODES for hr in failed)
+        if refused and not any(hr.switched for hr in hostruns):
             # Every failure is a request that no host could satisfy, and nothing was switched.
             run.exit_code = int(ExitCode.CONFIGURATION)
+        blocked = self._blocked
+        if any(isinstance(hr.error, LockHeldError) for hr in blocked):
+            run.exit_code = int(ExitCode.LOCK_HELD)
+        elif blocked and not any(hr.switched for hr in hostruns) and not refused:
+            # A host could not be reached or locked, so no host was switched.
+            run.exit_code = int(ExitCode.DEPLOY_FAILED)
         run.rollback_reason = "manual"
         if failed:
             run.error_code = failed[0].record.error_code
