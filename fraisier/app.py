@@ -416,7 +416,7 @@ def print_summary(results: list[RunResult], output_json: bool, stream: Any = Non
         return
     for r in results:
         print(
-            f"\n{r.run.task} {r.run.environment}/{r.run.fraise} run {r.run.run_id[:12]}: {r.run.status} (exit {r.exit_code})",
+            f"\n{r.run.task} {r.run.environment}/{r.run.fraise} run {r.run.run_id}: {r.run.status} (exit {r.exit_code})",
             file=stream,
         )
         width = max([len(h.host) for h in r.hosts] + [4])
@@ -425,8 +425,10 @@ def print_summary(results: list[RunResult], output_json: bool, stream: Any = Non
                 where = f"on {h.final_release}"
             elif h.status == "unreachable":
                 where = "release unknown (host not reached)"
-            else:
+            elif h.status in ("success", "rolled_back"):
                 where = "on no release"
+            else:
+                where = "release unknown"
             line = f"  {h.host:<{width}}  {h.status:<12} {where}"
             if h.error_message and h.status != "success":
                 line += f"  ({h.error_message})"

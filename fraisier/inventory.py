@@ -319,6 +319,8 @@ class Fraise:
     name: str
     type: str
     recipe: str
+    # True when the inventory names the recipe; then no file named after the fraise replaces it.
+    recipe_set: bool
     hosts: tuple[str, ...]
     deploy_to: str
     source: Source | None
@@ -467,7 +469,8 @@ def load_inventory(path: Path, environment: str | None = None) -> Inventory:
         )
     top = _Section(path, "", data, TOP_KEYS)
 
-    env_name = top.str("environment") or environment or path.stem
+    # The file names its environment with the key, else by its own name; --env must agree.
+    env_name = top.str("environment") or path.stem
     validate_name(env_name, f"environment name in {path}")
     if environment and env_name != environment:
         raise ConfigurationError(
@@ -705,6 +708,7 @@ def _read_fraises(
             name=name,
             type=ftype,
             recipe=recipe,
+            recipe_set="recipe" in f.data,
             hosts=tuple(targets),
             deploy_to=str(deploy_to),
             source=_read_source(f, path),

@@ -1,7 +1,8 @@
 """Recipes: the ordered, named steps that deploy a fraise, read from ``tasks/<name>.yaml``.
 
-A recipe is looked up as ``tasks/<fraise>.yaml`` first, then ``tasks/<recipe>.yaml`` where the
-recipe name is the fraise's ``recipe`` key or, by default, its type (``api``, ``etl``...).
+A fraise whose inventory entry names a ``recipe`` uses ``tasks/<recipe>.yaml``. Otherwise the
+recipe is looked up as ``tasks/<fraise>.yaml`` first, then ``tasks/<type>.yaml`` (``api``,
+``etl``...).
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ def recipes_dir(project_root: Path, setting: str | None) -> Path:
 
 def find_recipe(fraise: Fraise, directory: Path) -> Path:
     """Return the recipe file of a fraise, naming the paths tried when none exists."""
-    tried = [directory / f"{fraise.name}.yaml", directory / f"{fraise.recipe}.yaml"]
+    if fraise.recipe_set:
+        tried = [directory / f"{fraise.recipe}.yaml"]
+    else:
+        tried = [directory / f"{fraise.name}.yaml", directory / f"{fraise.recipe}.yaml"]
     for path in tried:
         if path.is_file():
             return path

@@ -286,6 +286,7 @@ class FraiseRun:
         Raises ConfigurationError for an undefined variable before any host is contacted.
         """
         deployer = self._deployer(release_id, None)
+        self._check_source()
         lines = [
             f"fraise {self.fraise.name} ({self.fraise.type}, recipe {self.recipe.path.name}) "
             f"to {len(self.hosts)} host(s) of {self.inventory.environment}, release {release_id}"
@@ -375,6 +376,23 @@ class FraiseRun:
         finally:
             if artifact is not None:
                 artifact.remove()
+
+    def _check_source(self) -> None:
+        """Check, without packing it, that a release recipe has a source folder that exists."""
+        if not self.recipe.makes_release:
+            return
+        source = self.fraise.source
+        if source is None:
+            raise ConfigurationError(
+                f"{self.inventory.path}: fraise '{self.fraise.name}' has no 'source', but its "
+                f"recipe {self.recipe.path} fetches a release; add 'source: {{path: DIR}}' or "
+                "'source: {git: REPO, ref: REF}'"
+            )
+        if source.kind == "path" and not Path(source.path or "").is_dir():
+            raise ConfigurationError(
+                f"{self.inventory.path}: 'fraises.{self.fraise.name}.source.path' is "
+                f"{source.path!r}, which is not a folder; fix the path"
+            )
 
     def _prepare_artifact(self, workdir: Path) -> Artifact | None:
         """Pack the release archive once on the controller, for recipes that make a release."""
@@ -774,6 +792,8 @@ class FraiseRun:
                 record.status = "failed"
                 record.error_code = cause.code
                 record.error_message = cause.message
+                if not hostrun.switched and hostrun.state is not None:
+                    record.final_release = hostrun.state.current
                 log.error(
                     "rollback failed: %s",
                     cause.message,

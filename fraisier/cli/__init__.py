@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from invoke import Collection, Program
 
 from fraisier import __version__
@@ -35,4 +38,10 @@ namespace = build_namespace()
 def main() -> None:
     """Run the ``fraisier`` console script."""
     program = Program(namespace=namespace, name="Fraisier", binary="fraisier", version=__version__)
-    program.run()
+    try:
+        program.run()
+    except BrokenPipeError:
+        # The reader of stdout went away (as in `fraisier status | head`); stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)

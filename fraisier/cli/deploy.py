@@ -22,7 +22,12 @@ def _require(**values: str | None) -> None:
     for name, value in values.items():
         if not value:
             raise Exit(
-                f"error: --{name} is required (for example --{name} local)",
+                f"error: --{name} is required"
+                + (
+                    " (the name of an inventory in inventories/, or give --inventory FILE)"
+                    if name == "env"
+                    else ""
+                ),
                 code=int(ExitCode.CONFIGURATION),
             )
 
@@ -80,7 +85,7 @@ def deploy(
     log_file: str | None = None,
 ) -> None:
     """Deploy a new release of every fraise (or --fraise) of an environment."""
-    _require(env=env)
+    _require(env=env or inventory)
     from fraisier.app import run_task
     from fraisier.runner import RunOptions
 
@@ -123,7 +128,7 @@ def rollback(
     log_file: str | None = None,
 ) -> None:
     """Switch hosts back to an earlier good release and restart the service."""
-    _require(env=env)
+    _require(env=env or inventory)
     from fraisier.app import run_task
     from fraisier.runner import RunOptions
 
@@ -166,7 +171,7 @@ def releases(
     log_file: str | None = None,
 ) -> None:
     """List the releases on every host and mark the current one; changes nothing."""
-    _require(env=env)
+    _require(env=env or inventory)
     from fraisier.app import releases_report
 
     _run(
@@ -200,7 +205,7 @@ def unlock(
     log_file: str | None = None,
 ) -> None:
     """Remove a deploy lock left on hosts by a dead run, printing its holder."""
-    _require(env=env, fraise=fraise)
+    _require(env=env or inventory, fraise=fraise)
     from fraisier.app import unlock as unlock_hosts
 
     _run(

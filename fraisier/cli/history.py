@@ -162,12 +162,13 @@ RUN_HEADERS = (
 
 
 @task(
+    positional=[],
     help={
         "env": ENV_HELP,
         "fraise": "show only the runs of this fraise",
         "limit": "number of runs to show, newest first (default 20)",
         "json": JSON_HELP,
-    }
+    },
 )
 def history(
     c: Context, env: str, fraise: str | None = None, limit: int = 20, json: bool = False
@@ -188,7 +189,7 @@ def history(
     print(format_table(RUN_HEADERS, _run_rows(runs)))
 
 
-@task(help={"env": ENV_HELP, "json": JSON_HELP})
+@task(positional=[], help={"env": ENV_HELP, "json": JSON_HELP})
 def status(c: Context, env: str, json: bool = False) -> None:
     """Print the current release of each fraise on each host, and the last run."""
     with _store(env) as (store, _):
