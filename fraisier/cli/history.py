@@ -69,6 +69,9 @@ def _store(env: str | None, check_schema: bool = True) -> Iterator[tuple[RunStor
     A FraisierError becomes an Invoke Exit with the error's exit code: DATABASE (5) for an
     unreachable database or a schema mismatch, CONFIGURATION (2) for an invalid URL.
     """
+    from fraisier.logging import configure_logging
+
+    configure_logging()
     try:
         root = find_project_root()
         url = resolve_database_url(inventory_database_setting(root, env), root)
