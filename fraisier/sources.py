@@ -101,7 +101,13 @@ def resolve_git(source: Source, ref: str | None, cache_dir: Path) -> tuple[Path,
     else:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _git(["clone", "--mirror", "--quiet", "--", repo, str(mirror)])
-    commit = _git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=mirror).strip()
+    try:
+        commit = _git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=mirror).strip()
+    except ProviderError:
+        raise ConfigurationError(
+            f"git ref {ref!r} not found in {redact(repo)}; give an existing branch, tag or commit "
+            "with --ref or 'source.ref'"
+        ) from None
     return mirror, ref, commit
 
 
