@@ -245,9 +245,29 @@ def _bound_text(bound: float) -> str:
     return repr(float(bound))
 
 
+# Codes that the engine sets on errors in place of their class's code.
+INSTANCE_ERROR_CODES = (
+    "channel_closed",
+    "connect_timeout",
+    "connection_refused",
+    "database_unavailable",
+    "dns_failure",
+    "git_failed",
+    "git_timeout",
+    "host_key_changed",
+    "host_key_unknown",
+    "interrupted",
+    "lock_failed",
+    "lock_stale",
+    "nothing_to_roll_back",
+    "release_not_found",
+    "release_not_good",
+)
+
+
 def _error_codes() -> set[str]:
-    """Return the class-level code of every loaded FraisierError subclass."""
-    codes: set[str] = set()
+    """Return every error code a run can record: class-level codes and instance codes."""
+    codes: set[str] = set(INSTANCE_ERROR_CODES)
     pending: list[type[FraisierError]] = [FraisierError]
     while pending:
         cls = pending.pop()

@@ -411,3 +411,15 @@ def test_select_deduplicates_fraises(tmp_path):
     )
     inventory = load_inventory(path, "test")
     assert [f.name for f in inventory.select(["a", "a"])] == ["a"]
+
+
+def test_metrics_seed_every_error_code_the_engine_sets():
+    import re as regex
+
+    from fraisier.metrics import _error_codes
+
+    sources = (REPO / "fraisier").rglob("*.py")
+    set_codes = set()
+    for path in sources:
+        set_codes.update(regex.findall(r'code\s*=\s*"([a-z_]+)"', path.read_text(encoding="utf-8")))
+    assert set_codes - _error_codes() == set()
