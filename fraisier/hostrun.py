@@ -231,14 +231,7 @@ class HostDeployer:
 
     def _connect(self, hostrun: HostRun, transport: Transport) -> None:
         """Connect, retrying an unreachable host as the error handler decides."""
-        retry = RetryStrategy(
-            max_attempts=self.settings.retries + 1,
-            base_delay=self.settings.retry_delay,
-            multiplier=self.settings.retry_backoff,
-            max_delay=self.settings.retry_max_delay,
-            jitter=self.settings.retry_jitter,
-            max_elapsed=self.settings.retry_max_elapsed,
-        )
+        retry = retry_strategy(self.settings, self.settings.retries, self.settings.retry_delay)
         clock_start = time.monotonic()
         attempt = 0
         while True:
@@ -324,15 +317,10 @@ class HostDeployer:
         strategy = self._step_retries.get(step.name)
         if strategy is None:
             settings = self.settings
-            strategy = RetryStrategy(
-                max_attempts=(step.retries if step.retries is not None else settings.retries) + 1,
-                base_delay=step.retry_delay
-                if step.retry_delay is not None
-                else settings.retry_delay,
-                multiplier=settings.retry_backoff,
-                max_delay=settings.retry_max_delay,
-                jitter=settings.retry_jitter,
-                max_elapsed=settings.retry_max_elapsed,
+            strategy = retry_strategy(
+                settings,
+                step.retries if step.retries is not None else settings.retries,
+                step.retry_delay if step.retry_delay is not None else settings.retry_delay,
             )
             self._step_retries[step.name] = strategy
         return strategy
@@ -724,6 +712,18 @@ def _wait_unless_stopped(seconds: float, should_stop: Callable[[], bool]) -> boo
             return False
         time.sleep(min(0.1, remaining))
     return True
+
+
+def retry_strategy(settings: Settings, retries: int, delay: float) -> RetryStrategy:
+    """Build the retry strategy of ``retries`` retries starting at ``delay`` seconds."""
+    return RetryStrategy(
+        max_attempts=retries + 1,
+        base_delay=delay,
+        multiplier=settings.retry_backoff,
+        max_delay=settings.retry_max_delay,
+        jitter=settings.retry_jitter,
+        max_elapsed=settings.retry_max_elapsed,
+    )
 
 
 def check_deploy_to(deploy_to: str, fraise: str, host: str) -> None:
