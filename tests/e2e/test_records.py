@@ -1,7 +1,7 @@
 """Deploys recorded in SQLite, PostgreSQL and MySQL, and secrets kept out of every output.
 
 These runs use ``connection: local`` hosts and a recipe of plain commands, so they need no SSH
-test host; the databases and the Pushgateway are real servers on loopback.
+test host. The databases and the Pushgateway are real servers on loopback.
 """
 
 from __future__ import annotations
