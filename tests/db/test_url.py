@@ -112,7 +112,14 @@ def test_resolve_rejects_non_string(tmp_path, monkeypatch):
 
 
 def test_default_journal_path(tmp_path):
-    assert default_journal_path(tmp_path) == tmp_path / "var" / "journal.jsonl"
+    first = default_journal_path(tmp_path, "postgresql://u@127.0.0.1:5432/one")
+    second = default_journal_path(tmp_path, "postgresql://u@127.0.0.1:5432/two")
+
+    assert first.parent == tmp_path / "var"
+    assert first.name.startswith("journal-")
+    assert first.suffix == ".jsonl"
+    assert first != second
+    assert default_journal_path(tmp_path, "postgresql://u@127.0.0.1:5432/one") == first
 
 
 def test_import_loads_no_server_driver():
