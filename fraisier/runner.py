@@ -844,6 +844,10 @@ class FraiseRun:
             # A host could not be reached or locked, so no host was switched.
             run.exit_code = int(ExitCode.DEPLOY_FAILED)
         run.rollback_reason = "manual"
+        targets = {hr.record.final_release for hr in hostruns if hr.record.status == "success"}
+        if run.release_id is None and len(targets) == 1:
+            # The release every host went back to, so history shows it like a deploy's.
+            run.release_id = targets.pop()
         if failed:
             run.error_code = failed[0].record.error_code
             run.error_message = f"{failed[0].host.name}: {failed[0].record.error_message}"
