@@ -75,7 +75,7 @@ class HostLock:
         """Take the lock, or raise LockHeldError naming the holder and whether it looks stale.
 
         ``prefix`` runs before the lock is taken and ``suffix`` after, in the same remote
-        command, which saves a round trip each; the output lines of ``suffix`` are returned.
+        command, which saves a round trip each. The output lines of ``suffix`` are returned.
         A failing ``prefix`` or an unwritable lock directory raises DeploymentError.
         """
         body = json.dumps(dataclasses.asdict(self.holder), sort_keys=True)

@@ -80,12 +80,12 @@ class NullRecorder:
 
 
 class RecordWriter:
-    """Hands host and step records to a recorder from one background thread, in order.
+    """Hand host and step records to a recorder from one background thread, in order.
 
-    Host threads then never wait for a database commit. The SQLite store commits each record
-    with an fsync and the recorder takes one record at a time, so without this thread the
-    host threads of a large run queue behind each other's commits. Records still queued when
-    the process is killed are lost.
+    Host threads then never wait for a database commit. The store commits each record in its
+    own transaction and the recorder takes one record at a time, so without this thread the
+    host threads of a large run would queue behind each other's commits. Records still queued
+    when the process is killed are lost.
     """
 
     def __init__(self, recorder: Recorder) -> None:

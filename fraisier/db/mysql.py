@@ -99,8 +99,8 @@ class MySQLRunStore(SQLRunStore):
                 f"another controller has been migrating the run database {self.url} for over "
                 f"{_MIGRATION_LOCK_WAIT_SECONDS} s; retry `inv db.migrate` once it ends"
             )
-        # InnoDB may have fixed this transaction's read snapshot before the lock was granted;
-        # ending the transaction here makes the version read below see the winner's commit.
+        # InnoDB may have fixed this transaction's read snapshot before the lock was granted,
+        # so the transaction ends here and the version read below sees the winner's commit.
         cursor.connection.commit()
 
     def _unlock_migrations(self, cursor: Any) -> None:
