@@ -445,9 +445,6 @@ def releases_report(
     """Print the releases and the current one of every fraise on every host; changes nothing."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from fraisier.release import ReleasePaths
-    from fraisier.transport import open_transport
-
     inv = load(environment, inventory)
     rows: list[dict[str, Any]] = []
     for selected in inv.select([fraise] if fraise else None):
@@ -459,27 +456,18 @@ def releases_report(
             services=RunServices(),
             interrupt=Interrupt(),
         )
-        deployer = run._deployer("releases", None)
 
-        def read(host: Any, deployer: Any = deployer, selected: Any = selected) -> dict[str, Any]:
-            row: dict[str, Any] = {"fraise": selected.name, "host": host.name}
-            transport = open_transport(host, selected.settings)
+        def read(host: Any, run: FraiseRun = run) -> dict[str, Any]:
+            row: dict[str, Any] = {"fraise": run.fraise.name, "host": host.name}
             try:
-                variables = deployer.variables_for(host, None)
-                transport.connect()
-                state = ReleasePaths.parse_state(
-                    transport.run(
-                        ReleasePaths(variables["deploy_to"]).read_state_command(), timeout=30
-                    ).stdout
-                )
-                row.update(
-                    current=state.current,
-                    releases=[{"id": r.release_id, "state": r.state} for r in state.releases],
-                )
+                state = run.read_state(host)
             except FraisierError as exc:
                 row.update(error=exc.message)
-            finally:
-                transport.close()
+                return row
+            row.update(
+                current=state.current,
+                releases=[{"id": r.release_id, "state": r.state} for r in state.releases],
+            )
             return row
 
         with ThreadPoolExecutor(
@@ -514,7 +502,6 @@ def unlock(
     A lock whose holder process still runs on this controller is kept unless ``force``.
     """
     from fraisier.hostlock import break_lock_command, holder_is_alive, read_lock_command
-    from fraisier.release import ReleasePaths
     from fraisier.transport import open_transport
 
     inv = load(environment, inventory)
@@ -527,13 +514,12 @@ def unlock(
         services=RunServices(),
         interrupt=Interrupt(),
     )
-    deployer = run._deployer("unlock", None)
     status = int(ExitCode.SUCCESS)
     for target in run.hosts:
         transport = open_transport(target, selected.settings)
         try:
             transport.connect()
-            paths = ReleasePaths(deployer.variables_for(target, None)["deploy_to"])
+            paths = run.release_paths(target)
             holder = transport.run(read_lock_command(paths), timeout=30).stdout.strip()
             if not holder:
                 print(f"{target.name}: no lock")

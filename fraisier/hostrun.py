@@ -777,7 +777,3 @@ def rollback_reason(error: FraisierError, settings: Settings) -> str | None:
         # switch) still leaves a host that may not serve the new release: roll it back.
         return "step_failed"
     return reason
-
-
-def translate(exc: BaseException, **context: Any) -> FraisierError:
-    return translate_exception(exc, **context)

@@ -25,22 +25,23 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fraisier.audit import config_digest
+from fraisier.audit import config_snapshot as build_config_snapshot
 from fraisier.batches import split_batches, threshold_exceeded
 from fraisier.errors import (
     ConfigurationError,
     ExitCode,
     FraisierError,
-    InterruptedRunError,
     LockHeldError,
     ValidationError,
 )
 from fraisier.hostlock import Holder, controller_identity
-from fraisier.hostrun import HostDeployer, HostRun
+from fraisier.hostrun import HostDeployer, HostRun, StepError, rollback_reason
 from fraisier.interrupt import Interrupt
 from fraisier.inventory import Fraise, Host, Inventory
+from fraisier.logging import context_submit, log_context
 from fraisier.recipes import Recipe, find_recipe, load_recipe, recipes_dir
 from fraisier.records import AuditEvent, HostRecord, RunRecord, StepRecord, utc_now
-from fraisier.release import new_release_id
+from fraisier.release import GOOD_STATES, HostState, ReleasePaths, new_release_id
 from fraisier.sources import Artifact, prepare_artifact
 from fraisier.transport import open_transport
 from fraisier.validation import render, render_plain, validate_git_ref, validate_release_id
@@ -267,8 +268,6 @@ class FraiseRun:
 
     def config_snapshot(self) -> dict[str, Any]:
         """Return the inventory parts and recipe this run uses, secrets redacted."""
-        from fraisier.audit import config_snapshot
-
         raw = self.inventory.raw
         names = {h.name for h in self.hosts}
         inventory_part = {
@@ -278,7 +277,7 @@ class FraiseRun:
             "groups": raw.get("groups") or {},
             "fraise": (raw.get("fraises") or {}).get(self.fraise.name) or {},
         }
-        return config_snapshot(inventory_part, self.recipe.raw)
+        return build_config_snapshot(inventory_part, self.recipe.raw)
 
     def plan(self, release_id: str) -> list[str]:
         """Render every command of every host and return the plan as lines of text.
@@ -530,8 +529,6 @@ class FraiseRun:
         batch: list[HostRun],
         work: Callable[[HostRun], None] | None = None,
     ) -> None:
-        from fraisier.logging import context_submit, log_context
-
         if not batch:
             return
         work = work or deployer.deploy
@@ -594,10 +591,7 @@ class FraiseRun:
         elif stopped_reason == "interrupted":
             run.error_code = "interrupted"
             run.error_message = "interrupted before every host was deployed"
-        reasons = {hr.record.error_code for hr in hostruns if hr.rolled_back}
         if any(hr.rolled_back for hr in hostruns):
-            from fraisier.hostrun import rollback_reason
-
             causes = [
                 rollback_reason(getattr(hr.error, "cause", hr.error), self.settings)
                 for hr in hostruns
@@ -608,7 +602,6 @@ class FraiseRun:
                 if stopped_reason == "interrupted"
                 else next((c for c in causes if c), "run_failed")
             )
-        del reasons
         self.services.recorder.save_run(run)
         self._audit("run_ended", status=status, exit_code=exit_code)
         log.info(
@@ -623,36 +616,37 @@ class FraiseRun:
             self.services.on_run_end(result)
         return result
 
+    def release_paths(self, host: Host) -> ReleasePaths:
+        """Return the release layout of this fraise on ``host``."""
+        return ReleasePaths(self._deployer("read", None).variables_for(host, None)["deploy_to"])
+
+    def read_state(self, host: Host) -> HostState:
+        """Connect to ``host`` and read, without changing anything, its releases of the fraise."""
+        factory = self.services.transport_factory or (
+            lambda target: open_transport(target, self.settings)
+        )
+        paths = self.release_paths(host)
+        transport = factory(host)
+        try:
+            transport.connect()
+            output = transport.run(paths.read_state_command(), timeout=30).stdout
+        finally:
+            transport.close()
+        return ReleasePaths.parse_state(output)
+
     def _dry_run(self, plan: list[str]) -> RunResult:
         """Print the plan and read, but never change, each host's current release."""
-        factory = self.services.transport_factory or (
-            lambda host: open_transport(host, self.settings)
-        )
-        deployer = self._deployer("dry-run", None)
         lines = list(plan)
         for host in self.hosts:
-            transport = factory(host)
             try:
-                transport.connect()
-                paths = deployer.paths_for(
-                    HostRun(
-                        host=host,
-                        record=HostRecord(self.run_id, host.name),
-                        variables=deployer.variables_for(host, None),
-                    )
-                )
-                from fraisier.release import ReleasePaths
-
-                state = ReleasePaths.parse_state(
-                    transport.run(paths.read_state_command(), timeout=30).stdout
-                )
-                lines.append(
-                    f"  {host.name}: current release {state.current or 'none'}, {len(state.releases)} release(s) on disk"
-                )
+                state = self.read_state(host)
             except FraisierError as exc:
                 lines.append(f"  {host.name}: cannot read the current release: {exc.message}")
-            finally:
-                transport.close()
+                continue
+            lines.append(
+                f"  {host.name}: current release {state.current or 'none'}, "
+                f"{len(state.releases)} release(s) on disk"
+            )
         run = self._new_run_record(None, None)
         run.status = "dry_run"
         run.exit_code = 0
@@ -701,8 +695,6 @@ class FraiseRun:
 
     def _lock_for_rollback(self, hostrun: HostRun) -> None:
         """Connect to and lock one host for a rollback; record the failure on the host."""
-        from fraisier.hostrun import StepError
-
         deployer = self._deployer("rollback", None)
         record = hostrun.record
         try:
@@ -725,10 +717,6 @@ class FraiseRun:
     def _rollback_host(
         self, deployer: HostDeployer, hostrun: HostRun, to_release: str | None
     ) -> None:
-        from fraisier.hostrun import StepError
-        from fraisier.logging import log_context
-        from fraisier.release import GOOD_STATES
-
         with log_context(host=hostrun.host.name):
             record = hostrun.record
             record.started_at = utc_now()
@@ -915,7 +903,3 @@ def describe_hosts(hostruns: list[HostRun]) -> str:
 
 def run_workdir() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="fraisier-")
-
-
-def interrupted_error(interrupt: Interrupt) -> InterruptedRunError:
-    return InterruptedRunError("run interrupted", signal_number=interrupt.signal_number or 2)

@@ -34,7 +34,6 @@ from fraisier.errors import (
 )
 from fraisier.transport.base import CommandResult, Transport, wrap_command
 from fraisier.transport.hostkeys import AcceptNewHostKey, RejectUnknownHostKey, default_known_hosts
-from fraisier.validation import quote
 
 log = logging.getLogger("fraisier.ssh")
 
@@ -383,7 +382,3 @@ def _find_pid(stderr: bytes | bytearray, token: str) -> int | None:
         if match["token"] == token.encode():
             return int(match["pid"])
     return None
-
-
-def remote_quote(value: str) -> str:
-    return quote(value)
