@@ -19,7 +19,15 @@ from typing import Any
 
 import pytest
 import yaml
-from support import REPO_ROOT, SshHost, free_port, http_request, write_inventory
+from support import (
+    REPO_ROOT,
+    SshHost,
+    bind_hosts_to_addresses,
+    free_port,
+    hello_fraise,
+    http_request,
+    write_inventory,
+)
 
 CLI_TIMEOUT = 120.0
 
@@ -120,29 +128,12 @@ class TestProject:
         self.inventory = write_inventory(
             root,
             hosts,
-            fraises={
-                "hello": {
-                    "type": "api",
-                    "hosts": ["web"],
-                    "deploy_to": "{{ deploy_root }}/hello",
-                    "source": {"path": str(REPO_ROOT / "examples" / "hello")},
-                    "shared": ["log"],
-                    "health_check": {
-                        "url": "http://{{ bind }}:{{ port }}/health",
-                        "retries": 10,
-                        "delay": 0.3,
-                        "timeout": 2,
-                    },
-                }
-            },
+            fraises={"hello": hello_fraise(10, 0.3, shared=["log"])},
             settings={"recipes_dir": str(REPO_ROOT / "tasks"), "connect_timeout": 5},
             vars={"port": self.port},
         )
         self.known_hosts = root / "known_hosts"
-        data = self.data()
-        for host in hosts:
-            data["hosts"][host.name]["vars"]["bind"] = host.address
-        self.write(data)
+        bind_hosts_to_addresses(self.inventory, hosts)
 
     def data(self) -> dict[str, Any]:
         """Return a copy of the inventory as a dict."""

@@ -23,7 +23,14 @@ from typing import Any
 
 import pytest
 import yaml
-from support import REPO_ROOT, SshHost, testinfra_host_for, write_inventory
+from support import (
+    REPO_ROOT,
+    SshHost,
+    bind_hosts_to_addresses,
+    hello_fraise,
+    testinfra_host_for,
+    write_inventory,
+)
 
 from fraisier.app import run_task
 from fraisier.db import open_store
@@ -129,32 +136,15 @@ class Lab:
         """
         if not (self.root / "tasks" / f"{recipe}.yaml").exists():
             self.write_recipe(name=recipe)
-        entry = {
-            "type": "api",
-            "recipe": recipe,
-            "hosts": ["web"],
-            "deploy_to": "{{ deploy_root }}/hello",
-            "source": {"path": source or str(HELLO_SOURCE)},
-            "health_check": {
-                "url": "http://{{ bind }}:{{ port }}/health",
-                "retries": 20,
-                "delay": 0.2,
-                "timeout": 2,
-            },
-            **(fraise or {}),
-        }
+        overrides = {"recipe": recipe, "source": {"path": source or str(HELLO_SOURCE)}}
+        entry = hello_fraise(20, 0.2, **{**overrides, **(fraise or {})})
         path = write_inventory(
             self.root,
             self.hosts,
             fraises={FRAISE: entry},
             settings={"connect_timeout": 5, **(settings or {})},
         )
-        data = yaml.safe_load(path.read_text())
-        for host in self.hosts:
-            # Each host's service binds its own loopback address, so all use the same port.
-            data["hosts"][host.name]["vars"]["bind"] = host.address
-            data["hosts"][host.name].update((hosts or {}).get(host.name, {}))
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        bind_hosts_to_addresses(path, self.hosts, hosts)
         return path
 
     # Running deploys

@@ -19,7 +19,13 @@ import pytest
 import yaml
 from monitoring_helpers import MONITORING_DIR, REPO_ROOT, parse_samples, sample_value
 from promql import alert_rules, dashboard_expressions, substitute_variables
-from support import Prometheus, free_port, write_inventory
+from support import (
+    Prometheus,
+    bind_hosts_to_addresses,
+    free_port,
+    hello_fraise,
+    write_inventory,
+)
 
 pytestmark = [pytest.mark.ssh, pytest.mark.monitoring]
 
@@ -45,29 +51,11 @@ class MetricsProject:
         self.inventory = write_inventory(
             root,
             hosts,
-            fraises={
-                "hello": {
-                    "type": "api",
-                    "hosts": ["web"],
-                    "deploy_to": "{{ deploy_root }}/hello",
-                    "source": {"path": str(REPO_ROOT / "examples" / "hello")},
-                    "shared": ["log"],
-                    "health_check": {
-                        "url": "http://{{ bind }}:{{ port }}/health",
-                        "retries": 2,
-                        "delay": 0.2,
-                        "timeout": 2,
-                    },
-                }
-            },
+            fraises={"hello": hello_fraise(2, 0.2, shared=["log"])},
             settings={"recipes_dir": str(REPO_ROOT / "tasks"), "connect_timeout": 5},
             vars={"port": port},
         )
-        data = yaml.safe_load(self.inventory.read_text())
-        for host in hosts:
-            data["hosts"][host.name]["vars"]["bind"] = host.address
-        self.data = data
-        self.write()
+        self.data = bind_hosts_to_addresses(self.inventory, hosts)
 
     def write(self) -> None:
         """Write ``data`` to the inventory file."""

@@ -21,9 +21,11 @@ __all__ = [
     "Prometheus",
     "Pushgateway",
     "SshHost",
+    "bind_hosts_to_addresses",
     "build_inventory",
     "check_database",
     "free_port",
+    "hello_fraise",
     "http_request",
     "testinfra_host_for",
     "write_inventory",
@@ -123,6 +125,43 @@ def write_inventory(
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(inventory, sort_keys=False))
     return target
+
+
+def hello_fraise(health_retries: int, health_delay: float, **extra: Any) -> dict[str, Any]:
+    """Return the inventory entry of the example service on the ``web`` group of test hosts.
+
+    ``extra`` keys replace or add keys of the entry, such as ``recipe`` or ``source``.
+    """
+    return {
+        "type": "api",
+        "hosts": ["web"],
+        "deploy_to": "{{ deploy_root }}/hello",
+        "source": {"path": str(REPO_ROOT / "examples" / "hello")},
+        "health_check": {
+            "url": "http://{{ bind }}:{{ port }}/health",
+            "retries": health_retries,
+            "delay": health_delay,
+            "timeout": 2,
+        },
+        **extra,
+    }
+
+
+def bind_hosts_to_addresses(
+    path: Path, hosts: Sequence[SshHost], host_updates: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Set each host's ``bind`` variable to its own address in the inventory at ``path``.
+
+    The test hosts share one machine, so each host's service binds its own loopback address
+    and all of them use the same port. ``host_updates`` updates host entries by name. Returns
+    the inventory as written.
+    """
+    data = yaml.safe_load(path.read_text())
+    for host in hosts:
+        data["hosts"][host.name]["vars"]["bind"] = host.address
+        data["hosts"][host.name].update((host_updates or {}).get(host.name, {}))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return data
 
 
 def testinfra_host_for(ssh_host: SshHost, timeout: int = 10) -> Any:
