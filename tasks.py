@@ -1,6 +1,6 @@
 """Invoke entry point for a checkout: ``inv --list``.
 
-The ``tasks/`` folder next to this file holds YAML recipes and has no ``__init__.py``, so Python
+The ``tasks/`` folder next to this file contains YAML recipes and has no ``__init__.py``, so Python
 never imports it as a package and ``import tasks`` (what Invoke does) finds this module.
 """
 

@@ -1,6 +1,6 @@
 """SIGINT and SIGTERM handling for a run: stop starting steps, then wind down cleanly.
 
-The first signal sets a flag that every host worker checks before each step; steps already
+The first signal sets a flag that every host worker checks before each step. Steps already
 running end or time out, switched hosts are rolled back per ``on_failure``, locks are released
 and the run is recorded as interrupted. A second SIGINT exits at once with status 130 after
 printing which hosts may be in an unknown state.

@@ -8,8 +8,8 @@ from typing import Any
 
 OUTPUT_TAIL_BYTES = 4096
 
-# Run statuses. A run is "running" until it ends; "abandoned" is set by a later run that finds
-# a running run whose controller no longer holds the lock.
+# Run statuses. A run is "running" until it ends. A later run sets "abandoned" on a running run
+# whose controller no longer has the lock.
 RUN_STATUSES = ("running", "success", "failed", "rolled_back", "interrupted", "abandoned")
 HOST_STATUSES = ("pending", "running", "success", "failed", "rolled_back", "skipped", "unreachable")
 STEP_STATUSES = ("success", "failed", "timeout", "skipped")

@@ -602,16 +602,21 @@ class FraiseRun:
                 if stopped_reason == "interrupted"
                 else next((c for c in causes if c), "run_failed")
             )
+        return self._close_run(run, records)
+
+    def _close_run(self, run: RunRecord, hosts: list[HostRecord]) -> RunResult:
+        """Save the ended run, audit and log its end, and push its metrics."""
+        run.ended_at = run.ended_at or utc_now()
         self.services.recorder.save_run(run)
-        self._audit("run_ended", status=status, exit_code=exit_code)
+        self._audit("run_ended", status=run.status, exit_code=run.exit_code)
         log.info(
             "run %s: %s (exit %d)",
             self.run_id,
-            status,
-            exit_code,
-            extra={"event": "run_end", "status": status},
+            run.status,
+            run.exit_code,
+            extra={"event": "run_end", "status": run.status},
         )
-        result = RunResult(run=run, hosts=records, steps=self.steps, exit_code=exit_code)
+        result = RunResult(run=run, hosts=hosts, steps=self.steps, exit_code=int(run.exit_code))
         if self.services.on_run_end:
             self.services.on_run_end(result)
         return result
@@ -820,18 +825,9 @@ class FraiseRun:
     def _finish_rollback(self, run: RunRecord, hostruns: list[HostRun]) -> RunResult:
         failed = [hr for hr in hostruns if hr.record.status != "success"]
         run.status = "failed" if failed else "success"
-        run.exit_code = int(ExitCode.ROLLBACK_FAILED if failed else ExitCode.SUCCESS)
-        refused = failed and all(hr.record.error_code in REFUSED_ROLLBACK_CODES for hr in failed)
-        if refused and not any(hr.switched for hr in hostruns):
-            # Every failure is a request that no host could satisfy, and nothing was switched.
-            run.exit_code = int(ExitCode.CONFIGURATION)
-        blocked = self._blocked
-        if any(isinstance(hr.error, LockHeldError) for hr in blocked):
-            run.exit_code = int(ExitCode.LOCK_HELD)
-        elif blocked and not any(hr.switched for hr in hostruns) and not refused:
-            # A host could not be reached or locked, so no host was switched.
-            run.exit_code = int(ExitCode.DEPLOY_FAILED)
+        run.exit_code = rollback_exit_code(hostruns, failed, self._blocked)
         run.rollback_reason = "manual"
+
         targets = {hr.record.final_release for hr in hostruns if hr.record.status == "success"}
         if run.release_id is None and len(targets) == 1:
             # The release every host went back to, so history shows it like a deploy's.
@@ -839,15 +835,25 @@ class FraiseRun:
         if failed:
             run.error_code = failed[0].record.error_code
             run.error_message = f"{failed[0].host.name}: {failed[0].record.error_message}"
-        run.ended_at = utc_now()
-        self.services.recorder.save_run(run)
-        self._audit("run_ended", status=run.status, exit_code=run.exit_code)
-        result = RunResult(
-            run=run, hosts=[hr.record for hr in hostruns], steps=self.steps, exit_code=run.exit_code
-        )
-        if self.services.on_run_end:
-            self.services.on_run_end(result)
-        return result
+
+        return self._close_run(run, [hr.record for hr in hostruns])
+
+
+def rollback_exit_code(
+    hostruns: list[HostRun], failed: list[HostRun], blocked: list[HostRun]
+) -> int:
+    """Return the exit code of a rollback from its hosts' outcomes."""
+    switched = any(hr.switched for hr in hostruns)
+    if any(isinstance(hr.error, LockHeldError) for hr in blocked):
+        return int(ExitCode.LOCK_HELD)
+    refused = bool(failed) and all(hr.record.error_code in REFUSED_ROLLBACK_CODES for hr in failed)
+    if refused and not switched:
+        # Every failure is a request that no host could satisfy, and nothing was switched.
+        return int(ExitCode.CONFIGURATION)
+    if blocked and not switched and not refused:
+        # A host could not be reached or locked, so no host was switched.
+        return int(ExitCode.DEPLOY_FAILED)
+    return int(ExitCode.ROLLBACK_FAILED if failed else ExitCode.SUCCESS)
 
 
 SKIP_MESSAGES = {

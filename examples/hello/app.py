@@ -1,6 +1,6 @@
 """A small HTTP service deployed by Fraisier's example inventories; standard library only.
 
-GET /health answers 200, or 500 while a file named UNHEALTHY sits next to this script (a file
+GET /health returns 200, or 500 while a file named UNHEALTHY sits next to this script (a file
 named UNHEALTHY_ONCE makes only the first check fail). GET / describes the running release.
 """
 

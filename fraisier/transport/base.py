@@ -76,7 +76,7 @@ class Transport(abc.ABC):
         """Run a shell command and return its result; a non-zero exit status is not an error.
 
         Raises DeploymentTimeoutError after ``timeout`` seconds (the command is killed on the host
-        when the host still answers) and ConnectionLostError when the connection drops.
+        when the host still responds) and ConnectionLostError when the connection drops.
         """
 
     @abc.abstractmethod

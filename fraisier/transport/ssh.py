@@ -1,7 +1,7 @@
 """SSH transport: one Fabric connection per host and one long-lived ``sh`` channel for its steps.
 
 Opening an exec channel per command costs a full session setup on the server (tens of
-milliseconds); a command sent to a shell that stays open costs one round trip. Each command runs
+milliseconds), while a command sent to a shell that stays open costs one round trip. Each command runs
 in its own process group, with stdin closed, so that:
 
 * stdout and stderr stay separate (the channel has no pty);
@@ -281,7 +281,7 @@ class SSHTransport(Transport):
                 channel.settimeout(KILL_TIMEOUT)
                 channel.exec_command(command)
                 # recv_exit_status() has no timeout and would hang on a host that stops
-                # answering after the channel opened.
+                # responding after the channel opened.
                 if not channel.status_event.wait(KILL_TIMEOUT):
                     raise TimeoutError(f"no exit status from kill within {KILL_TIMEOUT:g}s")
             finally:
