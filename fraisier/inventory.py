@@ -445,6 +445,8 @@ def find_inventory(environment: str, project_root: Path) -> Path:
 TOP_KEYS = ("environment", "settings", "vars", "hosts", "groups", "fraises")
 HOST_KEYS = ("address", "connection", "port", "user", "identity_file", "groups", "vars")
 GROUP_KEYS = ("hosts", "vars")
+SOURCE_KEYS = ("path", "git", "ref", "exclude")
+HEALTH_CHECK_KEYS = ("url", "command", "expect_status", "retries", "delay", "timeout")
 FRAISE_KEYS = (
     "type",
     "recipe",
@@ -733,7 +735,7 @@ def _check_shared(section: _Section, item: str) -> str:
 
 
 def _read_source(section: _Section, path: Path) -> Source | None:
-    s = section.section("source", ("path", "git", "ref", "exclude"))
+    s = section.section("source", SOURCE_KEYS)
     if "git" in s.data and "path" in s.data:
         raise ConfigurationError(f"{path}: '{s.key}' has both 'git' and 'path'; keep one")
     if "git" in s.data:
@@ -761,9 +763,7 @@ def _read_source(section: _Section, path: Path) -> Source | None:
 def _read_health_check(section: _Section) -> HealthCheck | None:
     if section.data.get("health_check") is None:
         return None
-    h = section.section(
-        "health_check", ("url", "command", "expect_status", "retries", "delay", "timeout")
-    )
+    h = section.section("health_check", HEALTH_CHECK_KEYS)
     url, command = h.str("url"), h.str("command")
     if bool(url) == bool(command):
         raise ConfigurationError(

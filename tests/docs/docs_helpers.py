@@ -136,7 +136,7 @@ class _TagLoader(yaml.SafeLoader):
     pass
 
 
-class _TagDumper(yaml.SafeDumper):
+class TagDumper(yaml.SafeDumper):
     pass
 
 
@@ -149,7 +149,7 @@ def _represent_tagged(dumper: yaml.SafeDumper, value: _Tagged) -> yaml.Node:
 
 
 _TagLoader.add_multi_constructor("!", _construct_tagged)
-_TagDumper.add_representer(_Tagged, _represent_tagged)
+TagDumper.add_representer(_Tagged, _represent_tagged)
 
 
 def bind_inventory(
@@ -208,7 +208,7 @@ def bind_inventory(
         else:
             settings["pushgateway"] = pushgateway
     data["settings"] = settings
-    path.write_text(yaml.dump(data, Dumper=_TagDumper, sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.dump(data, Dumper=TagDumper, sort_keys=False), encoding="utf-8")
     return ssh_names
 
 
@@ -221,7 +221,7 @@ def _free_local_ports(path: Path) -> None:
     for fraise in (data.get("fraises") or {}).values():
         if "port" in (fraise.get("vars") or {}):
             fraise["vars"]["port"] = free_port()
-    path.write_text(yaml.dump(data, Dumper=_TagDumper, sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.dump(data, Dumper=TagDumper, sort_keys=False), encoding="utf-8")
 
 
 # --- the sandbox ---------------------------------------------------------------------------
