@@ -5,8 +5,8 @@
 # Usage: deploy.sh ENV COMMIT
 #
 # Run it in the job's clone of the repository that contains this project. The fraise's source is
-# that repository ('source: {git: URL}' in the inventory), so --ref COMMIT deploys the code of
-# the commit whose inventory and recipe are checked out here.
+# that clone ('source: {git: .}' in the inventory), so --ref COMMIT deploys the code of the
+# commit whose inventory and recipe are checked out here.
 #
 # Environment:
 #   FRAISIER_PROJECT   project folder that contains inventories/ (default: this script's folder)

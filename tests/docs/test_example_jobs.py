@@ -79,7 +79,15 @@ CRON = "examples/cron"
 
 @pytest.fixture
 def cron_env(sandbox: Sandbox, tmp_path: Path) -> dict[str, str]:
-    """Return the variables of a cron job whose secrets come from an environment file."""
+    """Return the variables of a cron job whose secrets come from an environment file.
+
+    The sandbox's inventory gets a variable read with ``!env``, so the token is a secret of
+    the run as well as a variable of the environment.
+    """
+    inventory = sandbox.root / CRON / "inventories" / "prod.yaml"
+    text = inventory.read_text()
+    assert text.count("\nvars:\n") == 1
+    inventory.write_text(text.replace("\nvars:\n", "\nvars:\n  api_token: !env HELLO_API_TOKEN\n"))
     env_file = tmp_path / "prod.env"
     env_file.write_text(
         f"FRAISIER_DATABASE_PASSWORD={DATABASE_PASSWORD}\nHELLO_API_TOKEN={API_TOKEN}\n"
@@ -256,8 +264,8 @@ def git(cwd: Path, *args: str) -> str:
 class ServiceRepository:
     """A git repository of the service, as on a git server, and a CI job's clone of it.
 
-    It contains the example service's app.py and the files of ``examples/ci`` at its root, with
-    the sandbox's bound inventory, whose ``source.git`` is changed to this repository.
+    It contains the example service's app.py and the files of ``examples/ci`` at its root,
+    with the sandbox's bound inventory, whose source is the clone that deploy.sh runs in.
     """
 
     def __init__(self, sandbox: Sandbox, root: Path) -> None:
@@ -268,10 +276,6 @@ class ServiceRepository:
         git(self.origin, "init", "--quiet", "-b", "main")
         shutil.copy2(sandbox.root / "examples" / "hello" / "app.py", self.origin)
         shutil.copytree(sandbox.root / "examples" / "ci", self.origin, dirs_exist_ok=True)
-        inventory = self.origin / "inventories" / "prod.yaml"
-        data = yaml.safe_load(inventory.read_text())
-        data["fraises"]["hello"]["source"]["git"] = str(self.origin)
-        inventory.write_text(yaml.safe_dump(data, sort_keys=False))
         (self.origin / ".gitignore").write_text("var/\ndeploy.json\n")
         self.commit("Add the service")
         git(root, "clone", "--quiet", str(self.origin), str(self.checkout))
