@@ -14,6 +14,7 @@ import io
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -744,7 +745,14 @@ def _read_source(section: _Section, path: Path) -> Source | None:
             validate_git_ref(ref)
         except ValidationError as exc:
             raise ConfigurationError(f"{path}: '{s.at('ref')}': {exc.message}") from None
-        return Source(kind="git", repo=s.str("git"), ref=ref)
+        repo = s.str("git")
+        if not repo:
+            raise ConfigurationError(
+                f"{path}: '{s.at('git')}' is empty; give a repository URL or a local path"
+            )
+        return Source(
+            kind="git", repo=_resolve_git_repo(repo, path.resolve().parent.parent), ref=ref
+        )
     local = s.str("path")
     if not s.data:
         return None
@@ -758,6 +766,18 @@ def _read_source(section: _Section, path: Path) -> Source | None:
         resolved = path.resolve().parent.parent / resolved
     exclude = tuple(s.str_list("exclude")) or Source.exclude
     return Source(kind="path", path=str(resolved), exclude=exclude)
+
+
+def _resolve_git_repo(repo: str, project_root: Path) -> str:
+    """Return a local repository path relative to the project root; leave URLs as they are.
+
+    A URL has a scheme (``https://``, ``ssh://``, ``file://``) or is scp-like (``host:path``,
+    ``user@host:path``), as git reads them.
+    """
+    if "://" in repo or re.match(r"^[^/]+:", repo):
+        return repo
+    local = Path(repo).expanduser()
+    return str(local if local.is_absolute() else project_root / local)
 
 
 def _read_health_check(section: _Section) -> HealthCheck | None:

@@ -423,3 +423,33 @@ def test_metrics_seed_every_error_code_the_engine_sets():
     for path in sources:
         set_codes.update(regex.findall(r'code\s*=\s*"([a-z_]+)"', path.read_text(encoding="utf-8")))
     assert set_codes - _error_codes() == set()
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        (".", "{root}"),
+        ("../service", "{root}/../service"),
+        ("/srv/git/hello.git", "/srv/git/hello.git"),
+        ("https://git.example.net/hello.git", "https://git.example.net/hello.git"),
+        ("ssh://git@git.example.net/hello.git", "ssh://git@git.example.net/hello.git"),
+        ("git@git.example.net:shop/hello.git", "git@git.example.net:shop/hello.git"),
+        ("file:///srv/git/hello.git", "file:///srv/git/hello.git"),
+    ],
+)
+def test_git_source_path_relative_to_project(tmp_path, written, expected):
+    inventory = tmp_path / "inventories" / "test.yaml"
+    inventory.parent.mkdir()
+    inventory.write_text(
+        yaml.safe_dump(
+            {
+                "hosts": {"web1": {"address": "192.0.2.10"}},
+                "fraises": {"app": {"deploy_to": "/srv/app", "source": {"git": written}}},
+            }
+        )
+    )
+
+    source = load_inventory(inventory).fraises["app"].source
+
+    assert source is not None
+    assert source.repo == expected.format(root=tmp_path.resolve())
