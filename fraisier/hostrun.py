@@ -620,12 +620,14 @@ class HostDeployer:
                 "to_release": target,
             },
         )
+        switched_back = False
         try:
             self._undo_steps(hostrun)
             paths = self.paths_for(hostrun)
             step = Step(name="rollback", builtin="switch")
             assert hostrun.transport is not None
             self._checked(hostrun, step, paths.switch_command(target), INTERNAL_TIMEOUT)
+            switched_back = True
             if self.recipe.restart:
                 variables = {
                     **hostrun.variables,
@@ -652,6 +654,9 @@ class HostDeployer:
             record.error_code = failure.code
             record.error_message = failure.message
             record.status = "failed"
+            if switched_back:
+                # "current" points at the target; only the restart after the switch failed.
+                record.final_release = target
             self._record_step(
                 hostrun, Step(name="rollback", builtin="switch"), started, 1, None, failure
             )

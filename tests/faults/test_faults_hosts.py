@@ -198,3 +198,24 @@ def test_changed_host_key_rejected(lab: Lab) -> None:
     detail = lab.run_detail(outcome.run_id)
     assert {h.host: h.error_code for h in detail.hosts}[h3.name] == "host_key_changed"
     assert [s.name for s in detail.steps if s.host == h3.name] == ["connect"]
+
+
+def test_restart_fails_after_rollback_switch(lab: Lab) -> None:
+    release_a = lab.deploy_ok()
+    h1 = lab.hosts[0]
+    # The old release no longer starts on h1, so the restart that follows the rollback's
+    # switch fails there, while "current" already points back at release A.
+    broken = Path(h1.deploy_root) / "hello" / "releases" / release_a / "app.py"
+    broken.write_text('raise SystemExit("cannot start")\n')
+    lab.write_recipe(name="plain")
+    lab.write_inventory(recipe="plain", source=lab.source_with("UNHEALTHY"))
+
+    outcome = lab.deploy()
+
+    assert outcome.code == ExitCode.ROLLBACK_FAILED
+    assert outcome.host(h1.name)["status"] == "failed"
+    assert "rollback" in outcome.host(h1.name)["error"]
+    assert lab.current(h1) == release_a
+    assert outcome.host(h1.name)["final_release"] == release_a
+    detail = lab.run_detail(outcome.run_id)
+    assert {h.host: h.final_release for h in detail.hosts}[h1.name] == release_a
