@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from docs_helpers import Sandbox
-from support import Pushgateway, SshHost
+from support import REPO_ROOT, Pushgateway, SshHost
 
 
 @pytest.fixture
@@ -18,3 +21,15 @@ def sandbox(
     box = Sandbox(tmp_path, ssh_hosts3, pushgateway.url)
     yield box
     box.stop_local_services()
+    # A shown "pip install" must go into a virtual environment of the sandbox, never over
+    # the installation that the rest of the suite and the operator's shell use.
+    installed = subprocess.run(
+        [sys.executable, "-c", "import fraisier; print(fraisier.__file__)"],
+        cwd="/",
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    if installed and not installed.startswith(str(REPO_ROOT)):
+        pytest.fail(f"a sandbox command replaced this machine's fraisier with {installed}")

@@ -37,7 +37,9 @@ BLOCKS = _yaml_blocks()
 def _contains_lines(text: str, excerpt: str) -> bool:
     lines = [line.rstrip() for line in text.splitlines()]
     expected = [line.rstrip() for line in excerpt.strip("\n").splitlines()]
-    return any(lines[i : i + len(expected)] == expected for i in range(len(lines) - len(expected) + 1))
+    return any(
+        lines[i : i + len(expected)] == expected for i in range(len(lines) - len(expected) + 1)
+    )
 
 
 def _complete_inventory(data: dict[str, Any]) -> dict[str, Any]:
