@@ -37,12 +37,18 @@ BLOCK_TIMEOUT = 240.0
 DIRECTIVE = re.compile(r"<!--\s*doc-test:\s*(?P<body>.*?)\s*-->", re.DOTALL)
 FENCE = re.compile(r"^(?P<indent>[ ]*)```(?P<lang>[\w-]*)\s*$")
 
-# Markdown files whose blocks the tests read, relative to the repository root.
+# Markdown files whose blocks the tests read, relative to the repository root: the README and
+# every page under docs/.
 DOC_FILES = (
     "README.md",
     "docs/OPERATOR_GUIDE.md",
     "docs/DEPLOYMENT_PATTERNS.md",
     "docs/configuration.md",
+    *sorted(
+        str(p.relative_to(REPO_ROOT))
+        for p in (REPO_ROOT / "docs").glob("*.md")
+        if p.name not in ("OPERATOR_GUIDE.md", "DEPLOYMENT_PATTERNS.md", "configuration.md")
+    ),
 )
 
 

@@ -8,6 +8,7 @@ host and fraise when it only shows part of one, or as a recipe when it has ``ste
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,15 @@ BLOCKS = _yaml_blocks()
 
 
 def _contains_lines(text: str, excerpt: str) -> bool:
+    """Return whether ``excerpt`` is a run of lines of ``text``, indented by any amount."""
     lines = [line.rstrip() for line in text.splitlines()]
-    expected = [line.rstrip() for line in excerpt.strip("\n").splitlines()]
-    return any(
-        lines[i : i + len(expected)] == expected for i in range(len(lines) - len(expected) + 1)
-    )
+    expected = textwrap.dedent(excerpt.strip("\n")).splitlines()
+    expected = [line.rstrip() for line in expected]
+    for start in range(len(lines) - len(expected) + 1):
+        window = textwrap.dedent("\n".join(lines[start : start + len(expected)])).splitlines()
+        if window == expected:
+            return True
+    return False
 
 
 def _complete_inventory(data: dict[str, Any]) -> dict[str, Any]:
