@@ -20,11 +20,13 @@ from fraisier.errors import (
     DatabaseError,
     ExitCode,
     FraisierError,
+    LockHeldError,
     SchemaVersionError,
 )
 from fraisier.interrupt import Interrupt
 from fraisier.inventory import Inventory, find_inventory, load_inventory
 from fraisier.logging import log_context
+from fraisier.records import RunRecord, utc_now
 from fraisier.redact import redact
 from fraisier.runner import (
     FraiseRun,
@@ -351,12 +353,36 @@ def run_task(
                     ),
                     run_span(fraise_run.run_id, inv.environment, fraise_run.fraise.name, task=task),
                 ):
-                    if task == "deploy":
-                        results.append(fraise_run.deploy(Path(workdir)))
-                    else:
-                        results.append(fraise_run.rollback(to_release))
+                    try:
+                        if task == "deploy":
+                            results.append(fraise_run.deploy(Path(workdir)))
+                        else:
+                            results.append(fraise_run.rollback(to_release))
+                    except LockHeldError as exc:
+                        if len(runs) == 1:
+                            raise
+                        # The other fraises have their own locks: go on with them, and list
+                        # this one in the summary so that nothing already done is hidden.
+                        results.append(lock_held_result(fraise_run, exc))
     print_summary(results, output_json)
     return worst_exit_code(results)
+
+
+def lock_held_result(fraise_run: FraiseRun, error: LockHeldError) -> RunResult:
+    """Return the result of a fraise that did not run because another run holds its lock."""
+    log.error("%s", error.message, extra={"error_code": error.code})
+    record = RunRecord(
+        run_id=fraise_run.run_id,
+        environment=fraise_run.inventory.environment,
+        fraise=fraise_run.fraise.name,
+        task=fraise_run.task,
+        started_at=utc_now(),
+        status="lock_held",
+        exit_code=int(ExitCode.LOCK_HELD),
+        error_code=error.code,
+        error_message=error.message,
+    )
+    return RunResult(run=record, hosts=[], steps=[], exit_code=int(ExitCode.LOCK_HELD))
 
 
 def worst_exit_code(results: list[RunResult]) -> int:

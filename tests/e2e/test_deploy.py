@@ -447,3 +447,36 @@ def test_changed_host_key_rejected(project: TestProject) -> None:
     assert "host key" in entry["error"]
     assert project.known_hosts.read_text().startswith(wrong_line)
     assert list(project.deploy_path(changed).parent.iterdir()) == []
+
+
+def test_lock_of_second_fraise_held(project: TestProject) -> None:
+    import fcntl
+    import os
+
+    from fraisier.db.sqlite import SQLiteRunStore
+    from fraisier.db.url import parse_database_url
+
+    def add_second_fraise(data: dict[str, Any]) -> None:
+        second = json.loads(json.dumps(data["fraises"]["hello"]))
+        second["deploy_to"] = "{{ deploy_root }}/second"
+        data["fraises"]["second"] = second
+
+    project.update(add_second_fraise)
+    url = project.data()["settings"]["database"]
+    lock_path = SQLiteRunStore(parse_database_url(url)).lock_path("test", "second")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = project.deploy(expect=4)
+    finally:
+        os.close(fd)
+
+    runs = {run["fraise"]: run for run in result.json()}
+    assert runs["hello"]["status"] == "success"
+    assert runs["second"]["status"] == "lock_held"
+    assert runs["second"]["hosts"] == []
+    assert "deploy lock of test/second is held" in result.stderr
+    for host in project.hosts:
+        assert project.current_on(host) == runs["hello"]["release"]
+        assert not (Path(host.deploy_root) / "second" / "current").exists()
