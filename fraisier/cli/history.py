@@ -218,8 +218,10 @@ def show(c: Context, run_id: str, env: str | None = None, json: bool = False) ->
     with _store(env) as (store, _):
         detail = store.get_run(run_id)
     if detail is None:
+        hint = "" if env else "; without --env the default database is read, so pass --env ENV"
         raise Exit(
-            f"error: run {run_id!r} not found; list the run ids with `inv history --env ENV`",
+            f"error: run {run_id!r} not found in {store.url}{hint}; list the run ids with "
+            "`inv history --env ENV`",
             code=int(ExitCode.CONFIGURATION),
         )
     if json:
@@ -277,27 +279,63 @@ def db_migrate(c: Context, env: str | None = None) -> None:
         applied = store.migrate()
         version = store.schema_version()
     if applied:
-        print(f"applied migration(s) {', '.join(map(str, applied))}; schema version {version}")
+        print(
+            f"applied migration(s) {', '.join(map(str, applied))} to {store.url}; "
+            f"schema version {version}"
+        )
     else:
-        print(f"the run database is up to date at schema version {version}")
+        print(f"the run database {store.url} is up to date at schema version {version}")
 
 
-@task(name="sync", help={"env": ENV_HELP})
-def db_sync(c: Context, env: str | None = None) -> None:
+@task(
+    name="sync",
+    help={
+        "env": ENV_HELP,
+        "journal": "journal file to replay instead of this database's own, such as one "
+        "written while the database URL was misspelled",
+    },
+)
+def db_sync(c: Context, env: str | None = None, journal: str | None = None) -> None:
     """Replay the journaled records into the run database and empty the journal."""
     from fraisier.db.recorder import Recorder
 
     with _store(env, check_schema=False) as (store, root):
         url = resolve_database_url(inventory_database_setting(root, env), root)
-        journal = default_journal_path(root, url)
-        recorder = Recorder(lambda: store, journal)
+        own = default_journal_path(root, url)
+        path = Path(journal).absolute() if journal else own
+        if journal and not path.is_file():
+            raise Exit(f"error: journal {journal} not found", code=int(ExitCode.CONFIGURATION))
+        recorder = Recorder(lambda: store, path)
         try:
             replayed = recorder.replay(strict=True)
         except OSError as exc:
             raise Exit(
-                f"error: cannot read the journal {journal}: {exc}", code=int(ExitCode.DATABASE)
+                f"error: cannot read the journal {path}: {exc}", code=int(ExitCode.DATABASE)
             ) from None
-    print(f"replayed {replayed} journaled record(s) from {journal}")
+    if path.is_file() or replayed:
+        print(f"replayed {replayed} journaled record(s) from {path} into {store.url}")
+    else:
+        print(f"nothing to replay: {store.url} has no journal ({path} does not exist)")
+    _report_other_journals(root, env, exclude=path)
+
+
+def _report_other_journals(root: Path, env: str | None, exclude: Path) -> None:
+    """Name the journals of other database URLs that still hold records.
+
+    Records journaled under a misspelled or retired URL wait in their own file; only the
+    operator can tell whether they belong to this database.
+    """
+    for other in sorted((root / "var").glob("journal-*.jsonl")):
+        if other.absolute() == exclude.absolute() or other.stat().st_size == 0:
+            continue
+        with other.open(encoding="utf-8") as lines:
+            count = sum(1 for line in lines if line.strip())
+        env_option = f" --env {env}" if env else ""
+        print(
+            f"note: {other} holds {count} record(s) journaled for another database URL; if "
+            f"they belong to this database, replay them with "
+            f"`inv db.sync{env_option} --journal {other}`"
+        )
 
 
 def db_collection() -> Collection:

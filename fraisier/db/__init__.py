@@ -13,7 +13,6 @@ from pathlib import Path
 from fraisier.db.base import HostRelease, RunDetail, RunStats, RunStore
 from fraisier.db.url import DatabaseURL, parse_database_url
 from fraisier.errors import ConfigurationError
-from fraisier.redact import redact
 
 __all__ = [
     "DATABASE_URL_ENV",
@@ -22,6 +21,7 @@ __all__ = [
     "RunDetail",
     "RunStats",
     "RunStore",
+    "database_identity",
     "default_journal_path",
     "open_store",
     "parse_database_url",
@@ -83,12 +83,24 @@ def resolve_database_url(setting: str | None, project_root: Path) -> str:
     return url
 
 
+def database_identity(url: str) -> str:
+    """Return what names one database in a URL: dialect, host, port and database, or the file.
+
+    User, password and options such as ``connect_timeout`` are left out, so two spellings of
+    one database's URL give the same identity.
+    """
+    parsed = parse_database_url(url)
+    if parsed.dialect == "sqlite" and parsed.path is not None:
+        return f"sqlite:{parsed.path.absolute()}"
+    host = (parsed.host or "").lower()
+    return f"{parsed.dialect}://{host}:{parsed.port}/{parsed.database}"
+
+
 def default_journal_path(project_root: Path, url: str) -> Path:
     """Return the journal of one database: ``<project_root>/var/journal-<digest>.jsonl``.
 
-    Each database URL has its own journal, named by a digest of the URL without its password,
-    so records journaled for one database are never replayed into another.
+    Each database has its own journal, named by a digest of ``database_identity``, so records
+    journaled for one database are never replayed into another.
     """
-    identity = str(redact(url))
-    digest = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:12]
+    digest = hashlib.sha256(database_identity(url).encode("utf-8")).hexdigest()[:12]
     return Path(project_root) / "var" / f"journal-{digest}.jsonl"

@@ -160,10 +160,59 @@ def test_sync_replays_journal(databases, dialect, tmp_path):
 
     assert offline.returncode == ExitCode.DATABASE
     assert elsewhere.returncode == 0, elsewhere.stderr
-    assert "replayed 0 journaled record(s)" in elsewhere.stdout
+    assert "nothing to replay" in elsewhere.stdout
+    assert f"{default_journal_path(root, url)} holds 2 record(s)" in elsewhere.stdout
     assert online.returncode == 0, online.stderr
     assert "replayed 2 journaled record(s)" in online.stdout
-    assert "replayed 0 journaled record(s)" in again.stdout
+    assert "replayed 2" not in again.stdout
+    assert "holds" not in again.stdout
     store = open_store(url)
     assert [r.run_id for r in store.list_runs("prod")] == ["run-k", "run-j"]
     store.close()
+
+
+def test_sync_same_database_other_spelling(tmp_path):
+    root = _project(tmp_path, None)
+    url = f"sqlite:///{tmp_path}/runs.db"
+    spelled = f"sqlite:///{tmp_path}/runs.db?connect_timeout=9"
+    recorder = Recorder(
+        lambda: open_store(f"mysql://root@127.0.0.1:{free_port()}/x"),
+        default_journal_path(root, url),
+    )
+    recorder.save_run(RunRecord("run-s", "prod", "api", "deploy", at(0), "success"))
+
+    result = _fraisier(root, "db.sync", env={"FRAISIER_DATABASE_URL": spelled})
+
+    assert default_journal_path(root, url) == default_journal_path(root, spelled)
+    assert result.returncode == 0, result.stderr
+    assert "replayed 1 journaled record(s)" in result.stdout
+
+
+def test_sync_named_journal_file(tmp_path):
+    root = _project(tmp_path, None)
+    misspelled = f"sqlite:///{tmp_path}/typo.db"
+    url = f"sqlite:///{tmp_path}/runs.db"
+    journal = default_journal_path(root, misspelled)
+    recorder = Recorder(lambda: open_store(f"mysql://root@127.0.0.1:{free_port()}/x"), journal)
+    recorder.save_run(RunRecord("run-t", "prod", "api", "deploy", at(0), "success"))
+
+    plain = _fraisier(root, "db.sync", env={"FRAISIER_DATABASE_URL": url})
+    named = _fraisier(
+        root, "db.sync", "--journal", str(journal), env={"FRAISIER_DATABASE_URL": url}
+    )
+    missing = _fraisier(
+        root,
+        "db.sync",
+        "--journal",
+        str(tmp_path / "nope.jsonl"),
+        env={"FRAISIER_DATABASE_URL": url},
+    )
+
+    assert f"--journal {journal}" in plain.stdout
+    assert named.returncode == 0, named.stderr
+    assert "replayed 1 journaled record(s)" in named.stdout
+    store = open_store(url)
+    assert [r.run_id for r in store.list_runs("prod")] == ["run-t"]
+    store.close()
+    assert missing.returncode == ExitCode.CONFIGURATION
+    assert "not found" in missing.stderr
