@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import gzip
 import hashlib
 import logging
 import os
@@ -58,7 +59,13 @@ def pack_directory(source: Source, workdir: Path) -> Artifact:
         info.uname = info.gname = ""
         return info
 
-    with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
+    # The gzip header holds a time and a file name unless they are fixed, so the same files
+    # would give another archive digest, and another revision, on every run.
+    with (
+        archive.open("wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as packed,
+        tarfile.open(fileobj=packed, mode="w") as tar,
+    ):
         for entry in sorted(root.iterdir()):
             if _excluded(entry.name, source.exclude):
                 continue

@@ -453,3 +453,25 @@ def test_git_source_path_relative_to_project(tmp_path, written, expected):
 
     assert source is not None
     assert source.repo == expected.format(root=tmp_path.resolve())
+
+
+def test_folder_revision_depends_on_content_only(tmp_path):
+    from fraisier.inventory import Source
+    from fraisier.sources import pack_directory
+
+    source_dir = tmp_path / "app"
+    source_dir.mkdir()
+    (source_dir / "app.py").write_text("print('one')\n")
+    source = Source(kind="path", path=str(source_dir))
+    first_dir, second_dir = tmp_path / "w1", tmp_path / "w2"
+    first_dir.mkdir()
+    second_dir.mkdir()
+
+    first = pack_directory(source, first_dir)
+    second = pack_directory(source, second_dir)
+    (source_dir / "app.py").write_text("print('two')\n")
+    changed = pack_directory(source, first_dir)
+
+    assert first.revision == second.revision
+    assert changed.revision != first.revision
+    assert first.archive.name != second.archive.name
