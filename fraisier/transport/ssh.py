@@ -30,6 +30,7 @@ from fraisier.errors import (
     DeploymentTimeoutError,
     FraisierError,
     HostUnreachableError,
+    ProviderError,
     translate_exception,
 )
 from fraisier.transport.base import CommandResult, Transport, wrap_command
@@ -306,7 +307,22 @@ class SSHTransport(Transport):
         if self.connection is None:
             self.connect()
         try:
-            sftp = self.connection.client.open_sftp()
+            try:
+                sftp = self.connection.client.open_sftp()
+            except paramiko.SSHException as exc:
+                transport = self.connection.client.get_transport()
+                if transport is None or not transport.is_active():
+                    raise
+                # The connection is up but the server closed the subsystem channel: its sshd
+                # has no SFTP subsystem, which a retry cannot fix.
+                raise ProviderError(
+                    f"{self.name} refused the SFTP subsystem ({exc}); Fraisier uploads releases "
+                    "over SFTP, so add 'Subsystem sftp internal-sftp' (or the path of "
+                    "sftp-server) to the host's sshd_config and reload sshd",
+                    code="sftp_unavailable",
+                    context=dict(self._context),
+                    recoverable=False,
+                ) from exc
             try:
                 sftp.get_channel().settimeout(timeout)
                 sftp.put(str(local_path), remote_path)

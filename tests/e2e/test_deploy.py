@@ -480,3 +480,33 @@ def test_lock_of_second_fraise_held(project: TestProject) -> None:
     for host in project.hosts:
         assert project.current_on(host) == runs["hello"]["release"]
         assert not (Path(host.deploy_root) / "second" / "current").exists()
+
+
+def test_host_without_sftp_named(tmp_path: Path, ssh_host_factory: Any) -> None:
+    from support import REPO_ROOT, hello_fraise, write_inventory
+
+    (host,) = ssh_host_factory(1)
+    # An sshd without the SFTP subsystem, as on hardened hosts.
+    config = Path(host.workdir) / "sshd_config"
+    config.write_text(
+        "".join(line + "\n" for line in config.read_text().splitlines() if "sftp" not in line)
+    )
+    host.restart()
+    inventory = write_inventory(
+        tmp_path,
+        [host],
+        fraises={"hello": hello_fraise(2, 0.2)},
+        settings={"recipes_dir": str(REPO_ROOT / "tasks")},
+        vars={"port": 8799},
+    )
+
+    result = run_fraisier(
+        tmp_path, "deploy", "--env", "test", "--inventory", str(inventory), "--json"
+    )
+
+    assert result.returncode == 1, str(result)
+    entry = result.json()[0]["hosts"][0]
+    assert entry["status"] == "failed"
+    assert "SFTP subsystem" in entry["error"]
+    assert "Subsystem sftp internal-sftp" in entry["error"]
+    assert not (Path(host.deploy_root) / "hello" / "current").exists()
