@@ -455,8 +455,10 @@ def configure_logging(
     log_file: str | Path | None = None,
     stream: IO[str] | None = None,
     propagate: bool = False,
-) -> None:
+) -> str:
     """Install the console or JSON handler and the optional JSON log file on ``fraisier``.
+
+    Returns the format of the stream handler, ``console`` or ``json``.
 
     ``level`` falls back to ``FRAISIER_LOG_LEVEL``, then INFO. With ``fmt="auto"``,
     ``FRAISIER_LOG_FORMAT`` decides when set, else the format is console when ``stream``
@@ -493,6 +495,7 @@ def configure_logging(
         logger.addHandler(handler)
     logger.setLevel(resolved_level)
     logger.propagate = propagate
+    return resolved_format
 
 
 def add_log_file(path: str | Path) -> bool:

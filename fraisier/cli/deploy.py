@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from invoke import Context, task
@@ -45,10 +46,17 @@ def _run(
 ) -> None:
     from fraisier.logging import configure_logging
 
+    stream_format = "console"
     try:
-        configure_logging(level=log_level, fmt=log_format, log_file=log_file)
+        stream_format = configure_logging(level=log_level, fmt=log_format, log_file=log_file)
         code = action()
     except FraisierError as exc:
+        if stream_format == "json":
+            # Every stderr line of a JSON log is a JSON object, errors before a run too.
+            logging.getLogger("fraisier.cli").error(
+                "%s", exc.message, extra={"error_code": exc.code, "exit_code": int(exc.exit_code)}
+            )
+            raise Exit(code=int(exc.exit_code)) from None
         raise Exit(f"error: {exc}", code=int(exc.exit_code)) from None
     except KeyboardInterrupt:
         raise Exit("interrupted", code=int(ExitCode.INTERRUPTED_SIGINT)) from None

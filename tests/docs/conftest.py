@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from docs_helpers import Sandbox
-from support import REPO_ROOT, Pushgateway, SshHost
+from support import Pushgateway, SshHost
 
 
 @pytest.fixture
@@ -18,12 +18,20 @@ def sandbox(
     tmp_path: Path, ssh_hosts3: list[SshHost], pushgateway: Pushgateway
 ) -> Iterator[Sandbox]:
     """Return a copy of the checkout bound to the three reset test hosts and a Pushgateway."""
+    installed = _installed_fraisier()
     box = Sandbox(tmp_path, ssh_hosts3, pushgateway.url)
     yield box
     box.stop_local_services()
     # A shown "pip install" must go into a virtual environment of the sandbox, never over
     # the installation that the rest of the suite and the operator's shell use.
-    installed = subprocess.run(
+    after = _installed_fraisier()
+    if after != installed:
+        pytest.fail(f"a sandbox command replaced this machine's fraisier {installed} with {after}")
+
+
+def _installed_fraisier() -> str:
+    """Return where this machine's Python imports fraisier from, outside any checkout."""
+    return subprocess.run(
         [sys.executable, "-c", "import fraisier; print(fraisier.__file__)"],
         cwd="/",
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
@@ -31,5 +39,3 @@ def sandbox(
         text=True,
         check=False,
     ).stdout.strip()
-    if installed and not installed.startswith(str(REPO_ROOT)):
-        pytest.fail(f"a sandbox command replaced this machine's fraisier with {installed}")

@@ -370,3 +370,20 @@ def test_unknown_limit(bad: BadProject) -> None:
     assert_rejected(
         bad, result, "--limit: 'web9' is neither a host nor a group", "known: all, web1"
     )
+
+
+@pytest.mark.parametrize("task", ["deploy", "rollback", "releases"])
+def test_json_log_error_before_run(tmp_path: Path, task: str) -> None:
+    import json
+
+    (tmp_path / "inventories").mkdir()
+
+    result = run_fraisier(tmp_path, task, "--env", "nosuch", "--log-format", "json")
+
+    assert result.returncode == 2, str(result)
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line["level"] == "ERROR"]
+    assert len(errors) == 1, result.stderr
+    assert errors[0]["error_code"] == "configuration_error"
+    assert errors[0]["exit_code"] == 2
+    assert "unknown environment 'nosuch'" in errors[0]["message"]
