@@ -339,7 +339,7 @@ def run_task(
             for fraise_run in runs:
                 results.append(fraise_run.deploy(Path(".")))
             print_plan(results, output_json)
-            return int(ExitCode.SUCCESS)
+            return worst_exit_code(results)
         with backends(inv) as backend, run_workdir() as workdir:
             for fraise_run in runs:
                 if interrupt.is_set:

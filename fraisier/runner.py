@@ -642,20 +642,29 @@ class FraiseRun:
     def _dry_run(self, plan: list[str]) -> RunResult:
         """Print the plan and read, but never change, each host's current release."""
         lines = list(plan)
+        unchecked: list[str] = []
         for host in self.hosts:
             try:
                 state = self.read_state(host)
             except FraisierError as exc:
                 lines.append(f"  {host.name}: cannot read the current release: {exc.message}")
+                unchecked.append(host.name)
                 continue
             lines.append(
                 f"  {host.name}: current release {state.current or 'none'}, "
                 f"{len(state.releases)} release(s) on disk"
             )
+        # A host that the dry run cannot read would fail the deploy, so the dry run fails too.
+        exit_code = int(ExitCode.DEPLOY_FAILED) if unchecked else int(ExitCode.SUCCESS)
+        if unchecked:
+            lines.append(
+                f"  {len(unchecked)} host(s) could not be checked ({', '.join(unchecked)}); "
+                "a deploy would fail on them"
+            )
         run = self._new_run_record(None, None)
         run.status = "dry_run"
-        run.exit_code = 0
-        return RunResult(run=run, hosts=[], steps=[], exit_code=0, plan=lines)
+        run.exit_code = exit_code
+        return RunResult(run=run, hosts=[], steps=[], exit_code=exit_code, plan=lines)
 
     # --- rollback task ----------------------------------------------------------------------
 

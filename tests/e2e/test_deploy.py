@@ -186,6 +186,19 @@ def test_dry_run_json_plan(project: TestProject) -> None:
         assert not project.deploy_path(host).exists()
 
 
+def test_dry_run_fails_on_unreadable_host(project: TestProject) -> None:
+    down = project.hosts[1]
+    down.stop()
+
+    result = project.fraisier("deploy", "--dry-run")
+
+    assert result.returncode == 1, str(result)
+    assert f"{down.name}: cannot read the current release" in result.stdout
+    assert f"1 host(s) could not be checked ({down.name})" in result.stdout
+    for host in project.hosts:
+        assert project.current_on(host) is None
+
+
 def test_lock_held_by_other_run(project: TestProject) -> None:
     release = project.deployed_release()
     locked = project.hosts[1]
