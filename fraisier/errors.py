@@ -270,8 +270,7 @@ def translate_exception(exc: BaseException, **context: Any) -> FraisierError:
         received = fingerprint(exc.key)
         return HostKeyError(
             f"host key of {host} changed: expected {expected}, "
-            f"received {received}; if the change is planned, remove the old entry "
-            f"with 'ssh-keygen -R' and add the new key to known_hosts",
+            f"received {received}; find out why before you trust the new key",
             expected=expected,
             received=received,
             code="host_key_changed",

@@ -367,7 +367,7 @@ class HostDeployer:
             step.run or "", hostrun.variables, where=f"{self.recipe.path} step {step.name}"
         )
         env = {
-            k: render_plain(v, hostrun.variables, where=f"step {step.name} env")
+            k: render_plain(v, hostrun.variables, where=f"{self.recipe.path} step {step.name} env")
             for k, v in step.env
         }
         return self._checked(

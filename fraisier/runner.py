@@ -294,7 +294,13 @@ class FraiseRun:
         for number, batch in enumerate(batches, 1):
             lines.append(f"  batch {number}: {', '.join(h.name for h in batch)}")
         for host in self.hosts:
-            variables = deployer.variables_for(host, "<current>")
+            try:
+                variables = deployer.variables_for(host, "<current>")
+            except ConfigurationError as exc:
+                # deploy_to and the variables come from the inventory: name it.
+                raise ConfigurationError(
+                    f"{self.inventory.path}: {exc.message}", code=exc.code
+                ) from None
             lines.append(f"  {host.name} ({host.address}): deploy_to {variables['deploy_to']}")
             for step in self.recipe.steps:
                 if step.builtin:

@@ -788,7 +788,7 @@ class SQLRunStore(RunStore):
             }
         return LockHeldError(
             f"the deploy lock of {environment}/{fraise} is held by {who}{after}; wait for "
-            "that run to end or retry with a longer lock wait",
+            "that run to end, or wait for it with --wait-lock SECONDS",
             holder=holder_dict,
             context={"environment": environment, "fraise": fraise},
         )

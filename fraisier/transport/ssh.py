@@ -26,9 +26,11 @@ from typing import Any
 import paramiko
 
 from fraisier.errors import (
+    AuthenticationError,
     ConnectionLostError,
     DeploymentTimeoutError,
     FraisierError,
+    HostKeyError,
     HostUnreachableError,
     ProviderError,
     translate_exception,
@@ -78,6 +80,25 @@ class SSHTransport(Transport):
     def _context(self) -> dict[str, str]:
         return {"host": self.name}
 
+    def _explained(self, error: FraisierError, connection: Any) -> FraisierError:
+        """Add the user, keys and known_hosts entry that a failed login involved."""
+        port = connection.port or 22
+        if isinstance(error, AuthenticationError):
+            keys = self.host.identity_file or "ssh-agent and the default keys in ~/.ssh"
+            error.message = (
+                f"{error.message}: logged in as user '{connection.user}' on "
+                f"{connection.host}:{port}, offering {keys}; set 'user' or 'identity_file' of "
+                f"host {self.name} in the inventory, or fix authorized_keys on the host"
+            )
+        elif isinstance(error, HostKeyError) and error.code == "host_key_changed":
+            known_hosts = self.settings.known_hosts or str(default_known_hosts())
+            entry = connection.host if port == 22 else f"[{connection.host}]:{port}"
+            error.message = (
+                f"{error.message} (entry '{entry}' of {known_hosts}); to accept a planned "
+                f"change run: ssh-keygen -f {known_hosts} -R '{entry}'"
+            )
+        return error
+
     def connect(self) -> None:
         from fabric import Connection
 
@@ -124,7 +145,7 @@ class SSHTransport(Transport):
                     f"{error.message}; sshd may be hung or overloaded",
                     context=self._context,
                 )
-            raise error from exc
+            raise self._explained(error, connection) from exc
         transport = connection.transport
         if self.settings.keepalive:
             transport.set_keepalive(int(self.settings.keepalive))

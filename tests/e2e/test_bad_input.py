@@ -285,7 +285,13 @@ def test_undefined_variable_dry_run(bad: BadProject) -> None:
 
     result = bad.fraisier("deploy", "--dry-run")
 
-    assert_rejected(bad, result, "undefined variable {{ app_root }}", "deploy_to of fraise hello")
+    assert_rejected(
+        bad,
+        result,
+        "undefined variable {{ app_root }}",
+        "deploy_to of fraise hello",
+        f"{bad.inventory}: ",
+    )
 
 
 @pytest.mark.parametrize("ref", ["main; rm -rf /", "$(id)", "--upload-pack=x", "a..b"])

@@ -458,6 +458,8 @@ def test_changed_host_key_rejected(project: TestProject) -> None:
     entry = hosts_by_name(result.json()[0])[changed.name]
     assert entry["status"] == "failed"
     assert "host key" in entry["error"]
+    entry_name = f"[{changed.address}]:{changed.port}"
+    assert f"ssh-keygen -f {project.known_hosts} -R '{entry_name}'" in entry["error"]
     assert project.known_hosts.read_text().startswith(wrong_line)
     assert list(project.deploy_path(changed).parent.iterdir()) == []
 

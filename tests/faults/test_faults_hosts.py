@@ -166,6 +166,8 @@ def test_wrong_identity_file_rejected(lab: Lab) -> None:
     assert outcome.code == ExitCode.DEPLOY_FAILED
     assert outcome.host(h3.name)["status"] == "failed"
     assert "authentication" in outcome.host(h3.name)["error"]
+    assert f"user '{h3.user}' on {h3.address}:{h3.port}" in outcome.host(h3.name)["error"]
+    assert f"offering {h1.identity_file}" in outcome.host(h3.name)["error"]
     for host in lab.hosts:
         assert lab.current(host) == release_a
     detail = lab.run_detail(outcome.run_id)
