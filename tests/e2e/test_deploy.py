@@ -525,3 +525,24 @@ def test_host_without_sftp_named(tmp_path: Path, ssh_host_factory: Any) -> None:
     assert "SFTP subsystem" in entry["error"]
     assert "Subsystem sftp internal-sftp" in entry["error"]
     assert not (Path(host.deploy_root) / "hello" / "current").exists()
+
+
+def test_restart_spares_process_of_stale_pid(project: TestProject) -> None:
+    project.deployed_release()
+    host = project.hosts[0]
+    # After a crash the pid file may name another process of the deploy user.
+    started = subprocess.run(
+        host.ssh_args("nohup sleep 300 >/dev/null 2>&1 & echo $!"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    other = int(started.stdout.strip())
+    (project.deploy_path(host) / "shared" / "app.pid").write_text(f"{other}\n")
+
+    release = project.deployed_release()
+
+    assert Path(f"/proc/{other}").exists(), "the restart killed the process named by the pid file"
+    assert "sleep" in Path(f"/proc/{other}/cmdline").read_text()
+    assert wait_for_release(host.address, project.port, release) == release
