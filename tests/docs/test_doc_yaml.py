@@ -28,7 +28,9 @@ def _yaml_blocks() -> list[Block]:
     for name in DOC_FILES:
         path = REPO_ROOT / name
         if path.is_file():
-            blocks += [b for b in read_blocks(path) if b.lang in ("yaml", "yml")]
+            # A block marked skip carries its reason in the Markdown; the parser rejects a
+            # skip without one.
+            blocks += [b for b in read_blocks(path) if b.lang in ("yaml", "yml") and b.skip is None]
     return blocks
 
 
@@ -62,8 +64,6 @@ def _env_names(text: str) -> list[str]:
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.where for b in BLOCKS])
 def test_yaml_block_is_valid(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if block.skip is not None:
-        pytest.skip(f"marked in the guide: {block.skip}")
     if block.excerpt is not None:
         assert block.excerpt.startswith(EXCERPT_ROOTS), f"{block.where}: {block.excerpt}"
         source = REPO_ROOT / block.excerpt
