@@ -800,7 +800,13 @@ class FraiseRun:
                 record.status = "failed"
                 record.error_code = cause.code
                 record.error_message = cause.message
-                if not hostrun.switched and hostrun.state is not None:
+                if hostrun.switched:
+                    record.final_release = record.new_release
+                    record.error_message = (
+                        f"current points at {record.new_release}, but {cause.message}; fix the "
+                        "service on the host, or deploy a release that starts"
+                    )
+                elif hostrun.state is not None:
                     record.final_release = hostrun.state.current
                 log.error(
                     "rollback failed: %s",
@@ -819,6 +825,8 @@ class FraiseRun:
         started = utc_now()
         try:
             deployer._checked(hostrun, _step("switch"), paths.switch_command(target), 60)
+            # From here "current" points at the target, even if the restart below fails.
+            hostrun.switched = True
             if deployer.recipe.restart:
                 command = render(
                     deployer.recipe.restart,

@@ -121,3 +121,20 @@ def test_releases_lists_current(project: TestProject, two_releases: tuple[str, s
         assert f"hello {host.name}: current {second}" in text.stdout
     assert f"  * {second}  healthy" in text.stdout
     assert f"    {first}  healthy" in text.stdout
+
+
+def test_rollback_restart_fails(project: TestProject, two_releases: tuple[str, str]) -> None:
+    first, second = two_releases
+    host = project.hosts[0]
+    # The first release no longer starts on this host.
+    app = project.deploy_path(host) / "releases" / first / "app.py"
+    app.write_text('raise SystemExit("cannot start")\n')
+
+    result = rollback(project, "--to", first)
+
+    assert result.returncode == 3, str(result)
+    entry = {e["host"]: e for e in result.json()[0]["hosts"]}[host.name]
+    assert entry["status"] == "failed"
+    assert project.current_on(host) == first
+    assert entry["final_release"] == first
+    assert f"current points at {first}" in entry["error"]
