@@ -571,6 +571,8 @@ class HostDeployer:
             if self.recipe.makes_release and hostrun.state is not None:
                 self._mark(hostrun, self.release_id, "failed")
             record.final_release = hostrun.previous_release
+            if self.settings.on_failure == "rollback":
+                self._undo_before_switch(hostrun)
             return
         record.final_release = self.release_id
         reason = rollback_reason(cause, self.settings)
@@ -673,6 +675,34 @@ class HostDeployer:
             to_release=target,
             reason=reason,
         )
+
+    def _undo_before_switch(self, hostrun: HostRun) -> None:
+        """Undo the completed steps of a host that failed before its switch.
+
+        Such a host keeps its release, but a step with a ``rollback`` command (a database
+        migration, say) may have changed something that the old release cannot use.
+        """
+        if not any(step.rollback for step in hostrun.completed):
+            return
+        started = utc_now()
+        try:
+            self._undo_steps(hostrun)
+        except FraisierError as exc:
+            hostrun.rollback_failed = True
+            failure = RollbackError(
+                f"undoing the completed steps of {hostrun.host.name} failed: {exc.message}; "
+                f"the host is on {hostrun.previous_release or 'no release'}, but what those "
+                "steps changed may remain: check it",
+                context={"host": hostrun.host.name},
+            )
+            hostrun.record.error_code = failure.code
+            hostrun.record.error_message = failure.message
+            self._record_step(
+                hostrun, Step(name="undo", builtin="switch"), started, 1, None, failure
+            )
+            return
+        log.warning("undid the completed steps that have a rollback command")
+        self._record_step(hostrun, Step(name="undo", builtin="switch"), started, 1, None, None)
 
     def _undo_steps(self, hostrun: HostRun) -> None:
         for step in reversed(hostrun.completed):

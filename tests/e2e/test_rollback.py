@@ -124,7 +124,7 @@ def test_releases_lists_current(project: TestProject, two_releases: tuple[str, s
 
 
 def test_rollback_restart_fails(project: TestProject, two_releases: tuple[str, str]) -> None:
-    first, second = two_releases
+    first, _ = two_releases
     host = project.hosts[0]
     # The first release no longer starts on this host.
     app = project.deploy_path(host) / "releases" / first / "app.py"

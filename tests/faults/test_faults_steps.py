@@ -203,3 +203,49 @@ def test_invalid_utf8_in_failure(lab: Lab) -> None:
         assert lab.current(host) == release_a
     detail = lab.run_detail(outcome.run_id)
     assert detail.run.status == "failed"
+
+
+def _marker_steps(fail_on: str) -> list[dict[str, object]]:
+    """Steps before the switch: one that writes a marker and can undo it, then one that fails."""
+    return [
+        {
+            "name": "mark",
+            "run": "echo migrated > ../../shared-marker",
+            "rollback": "rm ../../shared-marker",
+        },
+        {"name": "breaks", "run": fail_on},
+    ]
+
+
+def test_failure_before_switch_undoes_steps(lab: Lab) -> None:
+    release_a = lab.deploy_ok()
+    lab.write_recipe(before_switch=_marker_steps("exit 7"))
+    lab.write_inventory()
+
+    outcome = lab.deploy()
+
+    assert outcome.code == ExitCode.DEPLOY_FAILED
+    for host in lab.hosts:
+        assert lab.current(host) == release_a
+        assert not (Path(host.deploy_root) / "hello" / "shared-marker").exists(), host.name
+    detail = lab.run_detail(outcome.run_id)
+    undo = [s for s in detail.steps if s.name == "undo"]
+    assert len(undo) == len(lab.hosts)
+    assert all(s.status == "success" for s in undo), undo
+
+
+def test_failed_undo_before_switch_exits_3(lab: Lab) -> None:
+    release_a = lab.deploy_ok()
+    steps = _marker_steps("exit 7")
+    steps[0]["rollback"] = "echo cannot undo >&2; exit 5"
+    lab.write_recipe(before_switch=steps)
+    lab.write_inventory()
+
+    outcome = lab.deploy()
+
+    assert outcome.code == ExitCode.ROLLBACK_FAILED
+    host = lab.hosts[0]
+    assert lab.current(host) == release_a
+    assert outcome.host(host.name)["status"] == "failed"
+    assert "undoing the completed steps" in outcome.host(host.name)["error"]
+    assert (Path(host.deploy_root) / "hello" / "shared-marker").exists()
