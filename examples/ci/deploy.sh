@@ -16,16 +16,28 @@
 # Secrets such as FRAISIER_DATABASE_PASSWORD come from the CI secret store as environment
 # variables; this script never prints the environment.
 #
-# Exit status: Fraisier's exit code, so every code but 0 fails the job.
+# Exit status: Fraisier's exit code, so every code but 0 fails the job; 2 for a usage error of
+# this script.
 set -euo pipefail
 
-usage="usage: deploy.sh ENV COMMIT"
-env_name=${1:?$usage}
-commit=${2:?$usage}
+if [[ $# -ne 2 ]]; then
+  echo "usage: deploy.sh ENV COMMIT" >&2
+  exit 2
+fi
+env_name=$1
+commit=$2
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 project=${FRAISIER_PROJECT:-$script_dir}
+# Fraisier runs from inside the project below, so a relative path must be made absolute first.
+if ! project=$(cd "$project" 2>/dev/null && pwd); then
+  echo "error: FRAISIER_PROJECT ${FRAISIER_PROJECT:-} is not a folder" >&2
+  exit 2
+fi
 export FRAISIER_PROJECT=$project
-result=${DEPLOY_JSON:-$PWD/deploy.json}
+result=${DEPLOY_JSON:-deploy.json}
+[[ $result == /* ]] || result=$PWD/$result
+# A summary left by an earlier job in a reused work folder must not pass for this run's.
+rm -f "$result"
 wait_lock=${DEPLOY_WAIT_LOCK:-300}
 
 if ! git -C "$project" checkout --quiet --detach "$commit"; then

@@ -8,29 +8,52 @@
 # Environment:
 #   FRAISIER_PROJECT  project folder that contains inventories/ (default: this script's folder)
 #   DEPLOY_LOG        JSON log file of the runs (default: $FRAISIER_PROJECT/var/log/deploy-ENV.log)
-#   DEPLOY_ENV_FILE   file of NAME=value lines loaded before the deploy, for secrets such as
-#                     FRAISIER_DATABASE_PASSWORD; keep it readable by the deploy user only
+#   DEPLOY_ENV_FILE   file of NAME=value lines exported before the deploy, for secrets such as
+#                     FRAISIER_DATABASE_PASSWORD; keep it readable by the deploy user only. The
+#                     value is everything after the first '=', taken as is: no quotes, no
+#                     expansion. Blank lines and lines that start with '#' are skipped.
 #   ALERT_COMMAND     command that reads an alert on stdin, such as a mail or chat client
 #                     (default: none, and the alert goes to stderr, which cron mails to MAILTO)
 #   PAGE_COMMAND      command that pages a human, read the same way (default: ALERT_COMMAND)
 #   FRAISIER          the Fraisier command (default: fraisier)
 #
-# Exit status: 0 after a good deploy and when the lock is held, else Fraisier's exit code.
+# Exit status: 0 after a good deploy and when the lock is held, 2 for a usage error of this
+# script, else Fraisier's exit code.
 set -euo pipefail
 
-env_name=${1:?usage: deploy-scheduled.sh ENV}
+usage_error() {
+  printf 'deploy-scheduled.sh: %s\n' "$1" >&2
+  exit 2
+}
+
+[[ $# -eq 1 ]] || usage_error "usage: deploy-scheduled.sh ENV"
+env_name=$1
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 project=${FRAISIER_PROJECT:-$script_dir}
+# Fraisier runs from inside the project below, so a relative path must be made absolute first.
+project=$(cd "$project" 2>/dev/null && pwd) ||
+  usage_error "FRAISIER_PROJECT ${FRAISIER_PROJECT:-} is not a folder"
 export FRAISIER_PROJECT=$project
 log_file=${DEPLOY_LOG:-$project/var/log/deploy-$env_name.log}
+[[ $log_file == /* ]] || log_file=$PWD/$log_file
 mkdir -p "$(dirname "$log_file")"
 
+# Export the NAME=value lines of DEPLOY_ENV_FILE. The file is read as data, never run as shell
+# code, and no value is printed, not even in an error.
+load_env_file() {
+  local file=$1 line number=0
+  [[ -r $file ]] || usage_error "DEPLOY_ENV_FILE $file is missing or not readable"
+  while IFS= read -r line || [[ -n $line ]]; do
+    number=$((number + 1))
+    [[ -z ${line//[[:space:]]/} || $line == \#* ]] && continue
+    [[ $line =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
+      usage_error "DEPLOY_ENV_FILE $file line $number is not NAME=value"
+    export "${line%%=*}=${line#*=}"
+  done <"$file"
+}
+
 if [[ -n ${DEPLOY_ENV_FILE:-} ]]; then
-  # set -a exports every variable the file sets; the values are never printed.
-  set -a
-  # shellcheck source=/dev/null
-  . "$DEPLOY_ENV_FILE"
-  set +a
+  load_env_file "$DEPLOY_ENV_FILE"
 fi
 
 summary=$(mktemp)
@@ -47,10 +70,21 @@ notify() {
   fi
 }
 
-# The run's summary and the error lines, without the JSON log lines that go to the log file.
+# The run's summary and the messages of the error lines; the other JSON log lines are in the
+# log file.
 details() {
   cat "$summary"
-  grep -v '^{' "$errors" || true
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        print(line, end="")
+        continue
+    if record.get("level") in ("ERROR", "CRITICAL"):
+        print("error:", record.get("message"))
+' <"$errors" || true
 }
 
 # Fraisier runs in the background so that this script can forward SIGINT and SIGTERM to it:
@@ -64,7 +98,12 @@ while :; do
   code=0
   wait "$pid" || code=$?
   # wait returns early when a forwarded signal arrives; wait again until Fraisier has exited.
-  kill -0 "$pid" 2>/dev/null || break
+  kill -0 "$pid" 2>/dev/null && continue
+  # Fraisier has exited. bash keeps its status, so this wait returns Fraisier's own code even
+  # when a signal cut the wait above short.
+  code=0
+  wait "$pid" || code=$?
+  break
 done
 
 alert=${ALERT_COMMAND:-}

@@ -420,3 +420,51 @@ def test_gitlab_job_calls_deploy_script() -> None:
     assert job["rules"] == [{"if": '$CI_PIPELINE_SOURCE == "push" && $CI_COMMIT_BRANCH == "main"'}]
     assert job["script"] == ['examples/ci/deploy.sh prod "$CI_COMMIT_SHA"']
     assert not any("set -x" in c or "echo $" in c for c in commands)
+
+
+def test_cron_env_file_read_as_data(sandbox: Sandbox, tmp_path: Path) -> None:
+    token = 'it\'s a $secret `id` "quoted" value'
+    env_file = tmp_path / "prod.env"
+    env_file.write_text(f"# secrets of prod\n\nHELLO_API_TOKEN={token}\n")
+    seen = tmp_path / "seen"
+    # A stand-in for fraisier that records the variable it was given, then succeeds.
+    fake = tmp_path / "fake-fraisier"
+    fake.write_text(f'#!/bin/sh\nprintf %s "$HELLO_API_TOKEN" > {seen}\n')
+    fake.chmod(0o755)
+
+    done = run_cron(sandbox, {"DEPLOY_ENV_FILE": str(env_file), "FRAISIER": str(fake)})
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert seen.read_text() == token
+
+
+def test_cron_env_file_errors_exit_2(sandbox: Sandbox, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.env"
+    bad.write_text("export HELLO_API_TOKEN=s3cr3t-value\n")
+
+    missing = run_cron(sandbox, {"DEPLOY_ENV_FILE": str(tmp_path / "nope.env")})
+    malformed = run_cron(sandbox, {"DEPLOY_ENV_FILE": str(bad)})
+
+    assert missing.returncode == 2
+    assert "is missing or not readable" in missing.stderr
+    assert malformed.returncode == 2
+    assert "line 1 is not NAME=value" in malformed.stderr
+    assert "s3cr3t-value" not in malformed.stderr
+
+
+def test_cron_usage_and_relative_project(sandbox: Sandbox, cron_env: dict[str, str]) -> None:
+    no_argument = subprocess.run(
+        [str(sandbox.root / CRON / "deploy-scheduled.sh")],
+        env=sandbox.environment(False),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    relative = run_cron(sandbox, {**cron_env, "FRAISIER_PROJECT": CRON}, cwd=str(sandbox.root))
+
+    assert no_argument.returncode == 2
+    assert "usage: deploy-scheduled.sh ENV" in no_argument.stderr
+    assert relative.returncode == 0, relative.stderr
+    assert not (sandbox.root / CRON / CRON).exists()
