@@ -234,3 +234,25 @@ def test_deploy_after_reboot_restarts_router(
         assert serving(host, port["router"])["release"] == third
         assert serving(host, port["blue"])["release"] == third
         assert shared_file(testinfra_host, host, "live") == str(port["blue"])
+
+
+def test_rollback_to_stopped_slot_fails_loudly(sandbox: Sandbox) -> None:
+    import signal
+
+    port = ports(sandbox)
+    host = sandbox.hosts[0]
+    _first, second = deploy_twice(sandbox)
+    blue_pid = serving(host, port["blue"])["pid"]
+    # The idle slot, which still runs the first release, stops answering.
+    os.kill(blue_pid, signal.SIGSTOP)
+    try:
+        run = fraisier(sandbox, "rollback --env prod", expect=3)
+        answer = serving(host, port["router"])
+    finally:
+        os.kill(blue_pid, signal.SIGCONT)
+
+    entry = {h["host"]: h for h in run["hosts"]}["web1"]
+    assert entry["status"] == "failed"
+    assert "does not answer" in entry["error"]
+    # Traffic stayed on the slot that answers.
+    assert answer["release"] == second
