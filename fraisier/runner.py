@@ -701,7 +701,7 @@ class FraiseRun:
                                 "not changed: another host of this rollback cannot be locked"
                             )
                             self.services.recorder.save_host(hostrun.record)
-                else:
+                elif to_release is None or not self._refuse_unusable_target(hostruns, to_release):
                     self._run_batch(
                         deployer,
                         hostruns,
@@ -712,6 +712,36 @@ class FraiseRun:
                     deployer.release_lock(hostrun)
                     deployer.close(hostrun)
             return self._finish_rollback(run, hostruns)
+
+    def _refuse_unusable_target(self, hostruns: list[HostRun], target: str) -> bool:
+        """Refuse ``--to TARGET`` on every host when one locked host cannot switch to it.
+
+        Switching only the hosts that have the release would leave the fleet on mixed
+        releases, so no host changes. Returns whether the rollback was refused.
+        """
+        problems = {hr.host.name: target_problem(hr, target, explicit=True) for hr in hostruns}
+        unusable = sorted(name for name, problem in problems.items() if problem is not None)
+        if not unusable:
+            return False
+        for hostrun in hostruns:
+            record = hostrun.record
+            record.started_at = record.started_at or utc_now()
+            record.ended_at = utc_now()
+            record.final_release = hostrun.previous_release
+            problem = problems[hostrun.host.name]
+            if problem is not None:
+                record.status = "failed"
+                record.error_code = problem.code
+                record.error_message = problem.message
+                hostrun.error = problem
+            else:
+                record.status = "skipped"
+                record.error_message = (
+                    f"not changed: {target} cannot be used on {', '.join(unusable)}"
+                )
+            self.services.recorder.save_host(record)
+        log.error("rollback to %s refused: it cannot be used on %s", target, ", ".join(unusable))
+        return True
 
     def _lock_for_rollback(self, hostrun: HostRun) -> None:
         """Connect to and lock one host for a rollback; record the failure on the host."""
@@ -753,22 +783,9 @@ class FraiseRun:
                         f"(current: {state.current or 'none'})",
                         code="nothing_to_roll_back",
                     )
-                target_state = state.state_of(target)
-                if target_state is None:
-                    known = ", ".join(r.release_id for r in state.releases) or "none"
-                    raise FraisierError(
-                        f"release {target} not found on {hostrun.host.name}; releases there: {known}",
-                        code="release_not_found",
-                    )
-                # A release an operator rolled back from is no default target, but --to may
-                # name it again.
-                allowed = (*GOOD_STATES, "rolled_back") if to_release else GOOD_STATES
-                if target_state not in allowed:
-                    raise FraisierError(
-                        f"release {target} on {hostrun.host.name} is marked {target_state}; "
-                        "choose a release marked ready or healthy",
-                        code="release_not_good",
-                    )
+                problem = target_problem(hostrun, target, explicit=to_release is not None)
+                if problem is not None:
+                    raise problem
                 record.new_release = target
                 record.previous_release = state.current
                 if target == state.current:
@@ -869,7 +886,11 @@ def rollback_exit_code(
     switched = any(hr.switched for hr in hostruns)
     if any(isinstance(hr.error, LockHeldError) for hr in blocked):
         return int(ExitCode.LOCK_HELD)
-    refused = bool(failed) and all(hr.record.error_code in REFUSED_ROLLBACK_CODES for hr in failed)
+    # Hosts skipped because another host refused the request count as refused too.
+    considered = [hr for hr in failed if hr.record.status != "skipped"]
+    refused = bool(considered) and all(
+        hr.record.error_code in REFUSED_ROLLBACK_CODES for hr in considered
+    )
     if refused and not switched:
         # Every failure is a request that no host could satisfy, and nothing was switched.
         return int(ExitCode.CONFIGURATION)
@@ -885,6 +906,28 @@ SKIP_MESSAGES = {
     "interrupted": "not started: the run was interrupted",
 }
 REFUSED_ROLLBACK_CODES = ("nothing_to_roll_back", "release_not_found", "release_not_good")
+
+
+def target_problem(hostrun: HostRun, target: str, explicit: bool) -> FraisierError | None:
+    """Return why a locked host cannot switch to ``target``, or None when it can."""
+    state = hostrun.state
+    assert state is not None
+    target_state = state.state_of(target)
+    if target_state is None:
+        known = ", ".join(r.release_id for r in state.releases) or "none"
+        return FraisierError(
+            f"release {target} not found on {hostrun.host.name}; releases there: {known}",
+            code="release_not_found",
+        )
+    # A release an operator rolled back from is no default target, but --to may name it again.
+    allowed = (*GOOD_STATES, "rolled_back") if explicit else GOOD_STATES
+    if target_state not in allowed:
+        return FraisierError(
+            f"release {target} on {hostrun.host.name} is marked {target_state}; "
+            "choose a release marked ready or healthy",
+            code="release_not_good",
+        )
+    return None
 
 
 def check_option(option: str, value: str, check: Callable[[str], str]) -> None:

@@ -138,3 +138,25 @@ def test_rollback_restart_fails(project: TestProject, two_releases: tuple[str, s
     assert project.current_on(host) == first
     assert entry["final_release"] == first
     assert f"current points at {first}" in entry["error"]
+
+
+def test_rollback_to_release_missing_on_one_host(
+    project: TestProject, two_releases: tuple[str, str]
+) -> None:
+    import shutil
+
+    first, second = two_releases
+    missing_on = project.hosts[1]
+    shutil.rmtree(project.deploy_path(missing_on) / "releases" / first)
+
+    result = rollback(project, "--to", first)
+
+    assert result.returncode == 2, str(result)
+    entries = {e["host"]: e for e in result.json()[0]["hosts"]}
+    assert entries[missing_on.name]["status"] == "failed"
+    assert f"release {first} not found on {missing_on.name}" in entries[missing_on.name]["error"]
+    for host in project.hosts:
+        assert project.current_on(host) == second, host.name
+        if host is not missing_on:
+            assert entries[host.name]["status"] == "skipped"
+            assert f"cannot be used on {missing_on.name}" in entries[host.name]["error"]
