@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fraisier.command import command_name
 from fraisier.errors import (
     ConfigurationError,
     DatabaseError,
@@ -137,9 +138,10 @@ def backends(inventory: Inventory) -> Iterator[Backends]:
         state["down"] = exc.message
         log.warning(
             "run database unavailable (%s): records go to the journal %s and are replayed by "
-            "the next run or 'inv db.sync'",
+            "the next run or '%s db.sync'",
             exc.message,
             journal,
+            command_name(),
         )
 
     recorder = Recorder(store_factory, journal)

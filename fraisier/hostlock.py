@@ -16,6 +16,7 @@ import socket
 import time
 from typing import Any
 
+from fraisier.command import command_name
 from fraisier.errors import DeploymentError, LockHeldError
 from fraisier.release import ReleasePaths
 from fraisier.transport.base import Transport
@@ -141,8 +142,9 @@ class HostLock:
         if stale_reason:
             message = (
                 f"stale deploy lock on {host} ({self.paths.lock}) left by {who}: {stale_reason}; "
-                f"check that run is dead, then remove the lock with "
-                f"'inv unlock --env {self.holder.environment} --fraise {self.holder.fraise} --host {host}'"
+                "check that run is dead, then remove the lock with "
+                f"'{command_name()} unlock --env {self.holder.environment} "
+                f"--fraise {self.holder.fraise} --host {host}'"
             )
         else:
             message = f"deploy lock on {host} is held by {who}; wait for that run to end"

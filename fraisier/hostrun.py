@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fraisier.command import command_name
 from fraisier.error_handler import ErrorHandler, default_handler
 from fraisier.errors import (
     CommandFailedError,
@@ -64,6 +65,8 @@ class HostRun:
     healthy: bool = False
     rolled_back: bool = False
     rollback_failed: bool = False
+    # A first deploy that failed has no earlier release; its message is given once.
+    nothing_to_roll_back: bool = False
     completed: list[Step] = dataclasses.field(default_factory=list)
     variables: dict[str, Any] = dataclasses.field(default_factory=dict)
     error: FraisierError | None = None
@@ -154,7 +157,9 @@ class HostDeployer:
                 self._connect_and_lock(hostrun)
             for step in self.recipe.steps:
                 if self.should_stop():
-                    raise FraisierError("run interrupted before this step", code="interrupted")
+                    raise FraisierError(
+                        f"run interrupted before step '{step.name}'", code="interrupted"
+                    )
                 self._run_step(hostrun, step)
                 hostrun.completed.append(step)
             record.status = "success"
@@ -588,10 +593,11 @@ class HostDeployer:
     def roll_back(self, hostrun: HostRun, reason: str) -> None:
         """Return a switched host to the release it had when the run started."""
         record = hostrun.record
-        if not hostrun.switched or hostrun.rolled_back:
+        if not hostrun.switched or hostrun.rolled_back or hostrun.nothing_to_roll_back:
             return
         target = hostrun.previous_release
         if not target or target == self.release_id:
+            hostrun.nothing_to_roll_back = True
             message = (
                 f"nothing to roll back to on {hostrun.host.name}: no release was current before "
                 f"this run, so {self.release_id} stays current"
@@ -650,7 +656,8 @@ class HostDeployer:
             hostrun.rollback_failed = True
             failure = RollbackError(
                 f"rollback of {hostrun.host.name} to {target} failed: {exc.message}; the host may "
-                f"be on {self.release_id} or {target}: check it and run 'inv rollback'",
+                f"be on {self.release_id} or {target}: check it with '{command_name()} releases', "
+                f"then run '{command_name()} rollback --limit {hostrun.host.name}'",
                 context={"host": hostrun.host.name},
             )
             record.error_code = failure.code

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from fraisier.command import command_name
+
 
 class Interrupt:
     """The run's stop flag, set by a signal handler or by a caller."""
@@ -46,8 +48,8 @@ class Interrupt:
             state = self.describe_state()
             sys.stderr.write(
                 "\nsecond interrupt: exiting now without cleanup. Hosts may be in this state:\n"
-                f"{state}\nDeploy locks may remain; check with 'inv releases' and remove them "
-                "with 'inv unlock' once no run is active.\n"
+                f"{state}\nDeploy locks remain on the hosts: the next deploy reports each one, "
+                f"and '{command_name()} unlock' removes them once no run is active.\n"
             )
             sys.stderr.flush()
             os._exit(130)

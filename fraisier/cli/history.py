@@ -20,6 +20,7 @@ from typing import Any
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
+from fraisier.command import command_name
 from fraisier.db import RunStore, default_journal_path, open_store, resolve_database_url
 from fraisier.errors import ConfigurationError, ExitCode, FraisierError
 from fraisier.inventory import load_yaml
@@ -221,7 +222,7 @@ def show(c: Context, run_id: str, env: str | None = None, json: bool = False) ->
         hint = "" if env else "; without --env the default database is read, so pass --env ENV"
         raise Exit(
             f"error: run {run_id!r} not found in {store.url}{hint}; list the run ids with "
-            "`inv history --env ENV`",
+            f"`{command_name()} history --env ENV`",
             code=int(ExitCode.CONFIGURATION),
         )
     if json:
@@ -334,7 +335,7 @@ def _report_other_journals(root: Path, env: str | None, exclude: Path) -> None:
         print(
             f"note: {other} holds {count} record(s) journaled for another database URL; if "
             f"they belong to this database, replay them with "
-            f"`inv db.sync{env_option} --journal {other}`"
+            f"`{command_name()} db.sync{env_option} --journal {other}`"
         )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pymysql
 
+from fraisier.command import command_name
 from fraisier.db.sqlstore import UTC, LockSession, SQLRunStore, describe_error, lock_digest, log
 from fraisier.errors import DatabaseError
 
@@ -97,7 +98,8 @@ class MySQLRunStore(SQLRunStore):
         if got != 1:
             raise DatabaseError(
                 f"another controller has been migrating the run database {self.url} for over "
-                f"{_MIGRATION_LOCK_WAIT_SECONDS} s; retry `inv db.migrate` once it ends"
+                f"{_MIGRATION_LOCK_WAIT_SECONDS} s; retry "
+                f"`{command_name()} db.migrate` once it ends"
             )
         # InnoDB may have fixed this transaction's read snapshot before the lock was granted,
         # so the transaction ends here and the version read below sees the winner's commit.

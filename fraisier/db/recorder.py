@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fraisier.command import command_name
 from fraisier.db.base import RunStore
 from fraisier.db.journal import Journal, Record
 from fraisier.errors import DatabaseError, SchemaVersionError
@@ -202,9 +203,10 @@ class Recorder:
             self._warned = True
             log.warning(
                 "the run database is unavailable (%s); journaling records to %s until it is "
-                "back, and `inv db.sync` replays them",
+                "back, and `%s db.sync` replays them",
                 self._last_error or "earlier records are still journaled",
                 self.journal.path,
+                command_name(),
             )
         elif self._journaled % WARN_EVERY == 0:
             log.warning(

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
+from fraisier.command import command_name
 from fraisier.db.base import HostRelease, RunDetail, RunStats, RunStore
 from fraisier.db.migrations import Migration, latest_version, load_migrations
 from fraisier.db.url import DatabaseURL
@@ -265,14 +266,13 @@ class SQLRunStore(RunStore):
         if transient:
             return DatabaseError(
                 f"{what} on the run database {self.url} failed after {attempt} attempt(s): "
-                f"{describe_error(exc)}; check that the server is running and reachable, "
-                "records are journaled meanwhile and `inv db.sync` replays them",
+                f"{describe_error(exc)}; check that the server is running and reachable",
                 code="database_unavailable",
                 recoverable=True,
             )
         return DatabaseError(
             f"{what} on the run database {self.url} failed: {describe_error(exc)}; check the "
-            "URL, the credentials and the schema version (`inv db.migrate`)",
+            f"URL, the credentials and the schema version (`{command_name()} db.migrate`)",
             recoverable=False,
         )
 
@@ -332,7 +332,7 @@ class SQLRunStore(RunStore):
         if current < latest:
             raise SchemaVersionError(
                 f"the run database {self.url} has schema version {current}, older than "
-                f"version {latest} that this Fraisier needs; run `inv db.migrate`",
+                f"version {latest} that this Fraisier needs; run `{command_name()} db.migrate`",
                 context={"current": current, "expected": latest},
             )
         if current > latest:

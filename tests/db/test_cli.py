@@ -208,7 +208,7 @@ def test_sync_named_journal_file(tmp_path):
         env={"FRAISIER_DATABASE_URL": url},
     )
 
-    assert f"--journal {journal}" in plain.stdout
+    assert f"fraisier db.sync --journal {journal}" in plain.stdout
     assert named.returncode == 0, named.stderr
     assert "replayed 1 journaled record(s)" in named.stdout
     store = open_store(url)

@@ -153,7 +153,7 @@ def test_first_deploy_unhealthy(project: TestProject) -> None:
         entry = hosts_by_name(run)[host.name]
         assert entry["status"] == "failed"
         assert entry["previous_release"] is None
-        assert "nothing to roll back to" in entry["error"]
+        assert entry["error"].count("nothing to roll back to") == 1, entry["error"]
         assert "no release was current before this run" in entry["error"]
         assert project.state_of(host, run["release"]) == "failed"
 
@@ -242,7 +242,7 @@ def test_stale_lock_and_unlock(project: TestProject) -> None:
 
     assert f"stale deploy lock on {locked.name}" in result.output
     assert f"its process {holder['pid']} no longer runs on this controller" in result.output
-    assert f"inv unlock --env test --fraise hello --host {locked.name}" in result.output
+    assert f"fraisier unlock --env test --fraise hello --host {locked.name}" in result.output
     assert project.current_on(locked) == release
 
     unlocked = project.fraisier("unlock", "--fraise", "hello", "--host", locked.name)

@@ -94,7 +94,7 @@ def test_second_sigint_exits_at_once(lab: Lab) -> None:
     assert "second interrupt" in outcome.stderr
     for host in lab.hosts:
         assert f"{host.name}: switched to" in outcome.stderr
-    assert "inv unlock" in outcome.stderr
+    assert "fraisier unlock" in outcome.stderr
     # No summary: the process exited without cleanup and printed the host states instead.
     assert outcome.summary == []
 

@@ -475,3 +475,20 @@ def test_folder_revision_depends_on_content_only(tmp_path):
     assert first.revision == second.revision
     assert changed.revision != first.revision
     assert first.archive.name != second.archive.name
+
+
+@pytest.mark.parametrize(
+    ("argv0", "expected"),
+    [
+        ("/usr/local/bin/fraisier", "fraisier"),
+        ("/srv/app/.venv/lib/python3.11/site-packages/fraisier/__main__.py", "fraisier"),
+        ("/usr/local/bin/inv", "inv"),
+        ("/usr/local/bin/invoke", "inv"),
+    ],
+)
+def test_command_name_follows_program(monkeypatch, argv0, expected):
+    from fraisier.command import command_name
+
+    monkeypatch.setattr("sys.argv", [argv0, "deploy"])
+
+    assert command_name() == expected
