@@ -262,6 +262,7 @@ INSTANCE_ERROR_CODES = (
     "nothing_to_roll_back",
     "release_not_found",
     "release_not_good",
+    "sftp_unavailable",
 )
 
 
