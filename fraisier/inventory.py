@@ -263,6 +263,14 @@ class Source:
     repo: str | None = None
     ref: str = "HEAD"
     exclude: tuple[str, ...] = (".git", "__pycache__", "*.pyc")
+    # Further folders packed into the same release after ``path``; their files replace files
+    # of the same name from earlier folders.
+    extra_paths: tuple[str, ...] = ()
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Return every folder of a ``path`` source, in packing order."""
+        return (self.path, *self.extra_paths) if self.path else self.extra_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -753,19 +761,20 @@ def _read_source(section: _Section, path: Path) -> Source | None:
         return Source(
             kind="git", repo=_resolve_git_repo(repo, path.resolve().parent.parent), ref=ref
         )
-    local = s.str("path")
     if not s.data:
         return None
-    if not local:
+    folders = s.str_list("path")
+    if not folders or not all(folders):
         raise ConfigurationError(
             f"{path}: '{s.key}' is missing; set 'source: {{path: DIR}}' for a local directory or "
             "'source: {git: REPO, ref: REF}' for a git repository"
         )
-    resolved = Path(local).expanduser()
-    if not resolved.is_absolute():
-        resolved = path.resolve().parent.parent / resolved
+    resolved = []
+    for folder in folders:
+        local = Path(folder).expanduser()
+        resolved.append(str(local if local.is_absolute() else path.resolve().parent.parent / local))
     exclude = tuple(s.str_list("exclude")) or Source.exclude
-    return Source(kind="path", path=str(resolved), exclude=exclude)
+    return Source(kind="path", path=resolved[0], extra_paths=tuple(resolved[1:]), exclude=exclude)
 
 
 def _resolve_git_repo(repo: str, project_root: Path) -> str:

@@ -393,11 +393,12 @@ class FraiseRun:
                 f"recipe {self.recipe.path} fetches a release; add 'source: {{path: DIR}}' or "
                 "'source: {git: REPO, ref: REF}'"
             )
-        if source.kind == "path" and not Path(source.path or "").is_dir():
-            raise ConfigurationError(
-                f"{self.inventory.path}: 'fraises.{self.fraise.name}.source.path' is "
-                f"{source.path!r}, which is not a folder; fix the path"
-            )
+        for folder in source.paths if source.kind == "path" else ():
+            if not Path(folder).is_dir():
+                raise ConfigurationError(
+                    f"{self.inventory.path}: 'fraises.{self.fraise.name}.source.path' names "
+                    f"{folder!r}, which is not a folder; fix the path"
+                )
 
     def _prepare_artifact(self, workdir: Path) -> Artifact | None:
         """Pack the release archive once on the controller, for recipes that make a release."""

@@ -42,19 +42,16 @@ def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def pack_directory(source: Source, workdir: Path) -> Artifact:
-    """Pack a local directory into a tar.gz archive, skipping excluded names."""
-    root = Path(source.path or "")
-    if not root.is_dir():
-        raise ConfigurationError(
-            f"source directory {root} not found; fix 'source.path' of the fraise in the inventory"
-        )
+    """Pack the source's folders into one tar.gz archive, skipping excluded names.
+
+    A file of a later folder replaces the file of the same relative path of an earlier one.
+    """
+    entries = _source_entries(source)
     handle, name = tempfile.mkstemp(prefix="fraisier-", suffix=".tar.gz", dir=workdir)
     os.close(handle)
     archive = Path(name)
 
-    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        if any(_excluded(part, source.exclude) for part in Path(info.name).parts):
-            return None
+    def normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         return info
@@ -66,12 +63,36 @@ def pack_directory(source: Source, workdir: Path) -> Artifact:
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as packed,
         tarfile.open(fileobj=packed, mode="w") as tar,
     ):
-        for entry in sorted(root.iterdir()):
-            if _excluded(entry.name, source.exclude):
-                continue
-            tar.add(entry, arcname=entry.name, filter=keep)
+        for relative in sorted(entries):
+            tar.add(entries[relative], arcname=relative, recursive=False, filter=normalize)
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
     return Artifact(archive, f"path:{digest}", None, None, archive.stat().st_size)
+
+
+def _source_entries(source: Source) -> dict[str, Path]:
+    """Map each relative path of the release to the file or folder it comes from."""
+    entries: dict[str, Path] = {}
+    for folder in source.paths:
+        root = Path(folder)
+        if not root.is_dir():
+            raise ConfigurationError(
+                f"source directory {root} not found; fix 'source.path' of the fraise in the "
+                "inventory"
+            )
+        for current, dirs, files in os.walk(root):
+            base = Path(current)
+            dirs[:] = sorted(d for d in dirs if not _excluded(d, source.exclude))
+            for entry in [*dirs, *(f for f in files if not _excluded(f, source.exclude))]:
+                path = base / entry
+                relative = path.relative_to(root).as_posix()
+                earlier = entries.get(relative)
+                if earlier is not None and earlier.is_dir() != path.is_dir():
+                    raise ConfigurationError(
+                        f"source folders disagree on {relative}: a folder in one and a file in "
+                        f"the other ({earlier} and {path}); rename one of them"
+                    )
+                entries[relative] = path
+    return entries
 
 
 def _git(args: list[str], cwd: Path | None = None, timeout: float = 300) -> str:

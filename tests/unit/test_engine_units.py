@@ -492,3 +492,58 @@ def test_command_name_follows_program(monkeypatch, argv0, expected):
     monkeypatch.setattr("sys.argv", [argv0, "deploy"])
 
     assert command_name() == expected
+
+
+def test_source_folders_packed_in_order(tmp_path):
+    import tarfile
+
+    from fraisier.sources import pack_directory
+
+    base, overlay = tmp_path / "base", tmp_path / "overlay"
+    (base / "static").mkdir(parents=True)
+    (base / "app.py").write_text("base app\n")
+    (base / "static" / "a.css").write_text("a\n")
+    (base / "__pycache__").mkdir()
+    (base / "__pycache__" / "x.pyc").write_text("")
+    (overlay / "static").mkdir(parents=True)
+    (overlay / "app.py").write_text("overlay app\n")
+    (overlay / "static" / "b.css").write_text("b\n")
+    (overlay / "router.py").write_text("router\n")
+    inventory = tmp_path / "inventories" / "test.yaml"
+    inventory.parent.mkdir()
+    inventory.write_text(
+        yaml.safe_dump(
+            {
+                "hosts": {"web1": {"address": "192.0.2.10"}},
+                "fraises": {
+                    "app": {"deploy_to": "/srv/app", "source": {"path": ["base", "overlay"]}}
+                },
+            }
+        )
+    )
+    source = load_inventory(inventory).fraises["app"].source
+    assert source is not None
+    work = tmp_path / "work"
+    work.mkdir()
+
+    artifact = pack_directory(source, work)
+
+    with tarfile.open(artifact.archive) as tar:
+        names = sorted(tar.getnames())
+        app = tar.extractfile("app.py").read().decode()
+    assert names == ["app.py", "router.py", "static", "static/a.css", "static/b.css"]
+    assert app == "overlay app\n"
+    assert source.paths == (str(tmp_path / "base"), str(tmp_path / "overlay"))
+
+
+def test_source_folders_file_and_folder_clash(tmp_path):
+    from fraisier.inventory import Source
+    from fraisier.sources import pack_directory
+
+    (tmp_path / "a" / "conf").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "conf").write_text("x\n")
+    source = Source(kind="path", path=str(tmp_path / "a"), extra_paths=(str(tmp_path / "b"),))
+
+    with pytest.raises(ConfigurationError, match="disagree on conf"):
+        pack_directory(source, tmp_path)
