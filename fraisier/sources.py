@@ -56,7 +56,7 @@ def pack_directory(source: Source, workdir: Path) -> Artifact:
         info.uname = info.gname = ""
         return info
 
-    # The gzip header holds a time and a file name unless they are fixed, so the same files
+    # The gzip header contains a time and a file name unless they are fixed, so the same files
     # would give another archive digest, and another revision, on every run.
     with (
         archive.open("wb") as raw,
