@@ -8,6 +8,7 @@ from collections.abc import Callable
 from invoke import Context, task
 from invoke.exceptions import Exit
 
+from fraisier.cli.output import quiet_on_closed_stdout
 from fraisier.errors import ExitCode, FraisierError
 
 LOG_HELP = {
@@ -168,6 +169,7 @@ def rollback(
         **JSON_HELP,
     },
 )
+@quiet_on_closed_stdout
 def releases(
     c: Context,
     env: str | None = None,

@@ -20,6 +20,7 @@ from typing import Any
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
+from fraisier.cli.output import quiet_on_closed_stdout
 from fraisier.command import command_name
 from fraisier.db import RunStore, default_journal_path, open_store, resolve_database_url
 from fraisier.errors import ConfigurationError, ExitCode, FraisierError
@@ -174,6 +175,7 @@ RUN_HEADERS = (
         "json": JSON_HELP,
     },
 )
+@quiet_on_closed_stdout
 def history(
     c: Context, env: str, fraise: str | None = None, limit: int = 20, json: bool = False
 ) -> None:
@@ -194,6 +196,7 @@ def history(
 
 
 @task(positional=[], help={"env": ENV_HELP, "json": JSON_HELP})
+@quiet_on_closed_stdout
 def status(c: Context, env: str, json: bool = False) -> None:
     """Print the current release of each fraise on each host, and the last run."""
     with _store(env) as (store, _):
@@ -214,6 +217,7 @@ def status(c: Context, env: str, json: bool = False) -> None:
 
 
 @task(help={"run-id": "id of the run to show, as printed by `inv history`", "json": JSON_HELP})
+@quiet_on_closed_stdout
 def show(c: Context, run_id: str, env: str | None = None, json: bool = False) -> None:
     """Print one run with its hosts, steps and audit events."""
     with _store(env) as (store, _):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -547,3 +549,37 @@ def test_source_folders_file_and_folder_clash(tmp_path):
 
     with pytest.raises(ConfigurationError, match="disagree on conf"):
         pack_directory(source, tmp_path)
+
+
+def test_closed_stdout_exits_quietly():
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from invoke.exceptions import Exit
+        from fraisier.cli.output import quiet_on_closed_stdout
+
+        @quiet_on_closed_stdout
+        def print_many():
+            time.sleep(0.5)  # the reader has closed the pipe by now
+            for number in range(100000):
+                print("line", number)
+
+        try:
+            print_many()
+        except Exit as exc:
+            sys.exit(exc.code)
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 1
+    assert "Traceback" not in stderr
