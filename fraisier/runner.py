@@ -556,6 +556,8 @@ class FraiseRun:
         for hostrun in hostruns:
             if hostrun.record.status == "pending":
                 hostrun.record.status = "skipped"
+                # The new release never reached this host.
+                hostrun.record.new_release = None
                 hostrun.record.final_release = hostrun.previous_release
                 hostrun.record.error_message = hostrun.record.error_message or SKIP_MESSAGES.get(
                     reason, "not started: the run stopped before this host's batch"

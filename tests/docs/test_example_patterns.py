@@ -258,6 +258,7 @@ def test_canary_stops_on_first_host(sandbox: Sandbox, testinfra_host: Any) -> No
     for name, host in (("web2", web2), ("web3", web3)):
         assert hosts[name]["status"] == "skipped"
         assert hosts[name]["final_release"] == first
+        assert hosts[name]["new_release"] is None
         # Nothing ran there: no new release folder, and the same service process serves.
         assert release_folders(host) == [first]
         assert current_release(testinfra_host, host) == first
