@@ -725,12 +725,24 @@ def _read_fraises(
             source=_read_source(f, path),
             health_check=_read_health_check(f),
             shared=tuple(_check_shared(f, p) for p in f.str_list("shared")),
-            keep_releases=f.int("keep_releases", int(env_vars.get("keep_releases", 5)), 1, 1000)
+            keep_releases=f.int(
+                "keep_releases", _environment_keep_releases(path, env_vars), 1, 1000
+            )
             or 5,
             settings=fraise_settings,
             vars=fraise_vars,
         )
     return fraises
+
+
+def _environment_keep_releases(path: Path, env_vars: Mapping[str, Any]) -> int:
+    """Return ``vars.keep_releases`` of the environment, checked like the fraise's own key."""
+    value = env_vars.get("keep_releases", 5)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        raise ConfigurationError(
+            f"{path}: 'vars.keep_releases' must be a whole number from 1 to 1000 (got {value!r})"
+        )
+    return value
 
 
 def _check_shared(section: _Section, item: str) -> str:

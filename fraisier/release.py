@@ -20,6 +20,7 @@ import datetime as dt
 import secrets
 from collections.abc import Iterable, Sequence
 
+from fraisier.errors import DeploymentError
 from fraisier.validation import quote, validate_release_id
 
 STATE_FILE = ".fraisier-state"
@@ -95,8 +96,18 @@ class ReleasePaths:
 
     def read_state_command(self) -> str:
         """Return a read-only command that prints the current link and every release's state."""
+        # A deploy_to that cannot be entered is "absent" only when a deploy could create it:
+        # its nearest existing parent is a folder the deploy user may write to.
+        target = quote(self.deploy_to)
         return (
-            f"cd -- {quote(self.deploy_to)} 2>/dev/null || {{ echo absent; exit 0; }}\n"
+            f"if ! cd -- {target} 2>/dev/null; then\n"
+            f"  if [ -e {target} ]; then echo unusable {target}; exit 0; fi\n"
+            f"  dir={target}\n"
+            '  while [ ! -e "$dir" ] && [ "$dir" != / ]; do dir=$(dirname -- "$dir"); done\n'
+            '  if [ -d "$dir" ] && [ -w "$dir" ] && [ -x "$dir" ]; then echo absent\n'
+            '  else printf "unusable %s\\n" "$dir"; fi\n'
+            "  exit 0\n"
+            "fi\n"
             "echo present\n"
             'printf "current=%s\\n" "$(readlink current 2>/dev/null)"\n'
             "for d in releases/*/; do\n"
@@ -110,6 +121,13 @@ class ReleasePaths:
     @staticmethod
     def parse_state(output: str) -> HostState:
         lines = output.splitlines()
+        if lines and lines[0].startswith("unusable "):
+            path = lines[0][len("unusable ") :].strip()
+            raise DeploymentError(
+                f"{path} cannot be read or written by the deploy user, so no deploy can use "
+                "the fraise's deploy_to there; fix the folder's owner or mode on the host",
+                code="lock_failed",
+            )
         if not lines or lines[0].strip() != "present":
             return HostState(exists=False, current=None, releases=())
         current: str | None = None

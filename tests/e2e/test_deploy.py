@@ -546,3 +546,22 @@ def test_restart_spares_process_of_stale_pid(project: TestProject) -> None:
     assert Path(f"/proc/{other}").exists(), "the restart killed the process named by the pid file"
     assert "sleep" in Path(f"/proc/{other}/cmdline").read_text()
     assert wait_for_release(host.address, project.port, release) == release
+
+
+def test_unusable_deploy_root_fails_dry_run(project: TestProject) -> None:
+    import os
+
+    blocked = project.hosts[2]
+    os.chmod(blocked.deploy_root, 0)
+    try:
+        dry_run = project.fraisier("deploy", "--dry-run")
+        releases = project.fraisier("releases", "--json")
+    finally:
+        os.chmod(blocked.deploy_root, 0o755)
+
+    assert dry_run.returncode == 1, str(dry_run)
+    assert f"{blocked.name}: cannot read the current release" in dry_run.stdout
+    assert f"{blocked.deploy_root} cannot be read or written by the deploy user" in dry_run.stdout
+    rows = {row["host"]: row for row in releases.json()}
+    assert "cannot be read or written" in rows[blocked.name]["error"]
+    assert rows[project.hosts[0].name].get("error") is None

@@ -583,3 +583,43 @@ def test_closed_stdout_exits_quietly():
 
     assert process.returncode == 1
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("value", [-3, 0, 1001, "abc", True, 2.5])
+def test_environment_keep_releases_checked(tmp_path, value):
+    inventory = tmp_path / "inventories" / "test.yaml"
+    inventory.parent.mkdir()
+    inventory.write_text(
+        yaml.safe_dump(
+            {
+                "vars": {"keep_releases": value},
+                "hosts": {"web1": {"address": "192.0.2.10"}},
+                "fraises": {"app": {"deploy_to": "/srv/app"}},
+            }
+        )
+    )
+
+    with pytest.raises(ConfigurationError, match="'vars.keep_releases' must be a whole number"):
+        load_inventory(inventory)
+
+
+def test_environment_keep_releases_used(tmp_path):
+    inventory = tmp_path / "inventories" / "test.yaml"
+    inventory.parent.mkdir()
+    inventory.write_text(
+        yaml.safe_dump(
+            {
+                "vars": {"keep_releases": 7},
+                "hosts": {"web1": {"address": "192.0.2.10"}},
+                "fraises": {
+                    "app": {"deploy_to": "/srv/app"},
+                    "two": {"deploy_to": "/srv/two", "keep_releases": 2},
+                },
+            }
+        )
+    )
+
+    loaded = load_inventory(inventory)
+
+    assert loaded.fraises["app"].keep_releases == 7
+    assert loaded.fraises["two"].keep_releases == 2
