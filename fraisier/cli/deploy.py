@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json as json_module
 import logging
+import sys
 from collections.abc import Callable
 
 from invoke import Context, task
 from invoke.exceptions import Exit
 
 from fraisier.cli.output import quiet_on_closed_stdout
-from fraisier.errors import ExitCode, FraisierError
+from fraisier.errors import ConfigurationError, ExitCode, FraisierError
 
 LOG_HELP = {
     "log-format": "log format on stderr: console, json, or auto (console on a terminal)",
@@ -23,42 +26,68 @@ JSON_HELP = {"json": "print the result as JSON on stdout"}
 def _require(**values: str | None) -> None:
     for name, value in values.items():
         if not value:
-            raise Exit(
-                f"error: --{name} is required"
-                + (
-                    " (the name of an inventory in inventories/, or give --inventory FILE)"
-                    if name == "env"
-                    else ""
-                ),
-                code=int(ExitCode.CONFIGURATION),
+            hint = (
+                " (the name of an inventory in inventories/, or give --inventory FILE)"
+                if name == "env"
+                else ""
             )
+            raise ConfigurationError(f"--{name} is required{hint}")
 
 
-def _check_wait_lock(seconds: int) -> None:
-    if seconds < 0:
-        raise Exit(
-            f"error: --wait-lock must be 0 or more seconds, got {seconds}",
-            code=int(ExitCode.CONFIGURATION),
-        )
+def _wait_lock_seconds(value: str) -> float:
+    """Return ``--wait-lock`` as seconds; Invoke passes it as text, so a bad value is ours."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigurationError(
+            f"--wait-lock must be a number of seconds, got {value!r}"
+        ) from None
+    if not seconds >= 0:
+        raise ConfigurationError(f"--wait-lock must be 0 or more seconds, got {value}")
+    return seconds
+
+
+def _json_error_line(exc: FraisierError) -> str:
+    """Format an error as the JSON log formatter does, for when logging is not set up."""
+    return json_module.dumps(
+        {
+            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "level": "ERROR",
+            "logger": "fraisier.cli",
+            "message": exc.message,
+            "error_code": exc.code,
+            "exit_code": int(exc.exit_code),
+        },
+        ensure_ascii=False,
+    )
 
 
 def _run(
     action: Callable[[], int], log_format: str, log_level: str | None, log_file: str | None
 ) -> None:
+    """Set up logging, run ``action`` and turn its result or error into the exit code.
+
+    With JSON logs, every stderr line is a JSON object: an error before the run, or one that
+    stops logging from being set up, is written as one too.
+    """
     from fraisier.logging import configure_logging
 
-    stream_format = "console"
+    stream_format = "json" if log_format == "json" else "console"
+    configured = False
     try:
         stream_format = configure_logging(level=log_level, fmt=log_format, log_file=log_file)
+        configured = True
         code = action()
     except FraisierError as exc:
-        if stream_format == "json":
-            # Every stderr line of a JSON log is a JSON object, errors before a run too.
+        if stream_format != "json":
+            raise Exit(f"error: {exc}", code=int(exc.exit_code)) from None
+        if configured:
             logging.getLogger("fraisier.cli").error(
                 "%s", exc.message, extra={"error_code": exc.code, "exit_code": int(exc.exit_code)}
             )
-            raise Exit(code=int(exc.exit_code)) from None
-        raise Exit(f"error: {exc}", code=int(exc.exit_code)) from None
+        else:
+            print(_json_error_line(exc), file=sys.stderr)
+        raise Exit(code=int(exc.exit_code)) from None
     except KeyboardInterrupt:
         raise Exit("interrupted", code=int(ExitCode.INTERRUPTED_SIGINT)) from None
     if code != 0:
@@ -86,7 +115,7 @@ def deploy(
     limit: str | None = None,
     ref: str | None = None,
     dry_run: bool = False,
-    wait_lock: int = 0,
+    wait_lock: str = "0",
     inventory: str | None = None,
     json: bool = False,
     log_format: str = "auto",
@@ -94,20 +123,19 @@ def deploy(
     log_file: str | None = None,
 ) -> None:
     """Deploy a new release of every fraise (or --fraise) of an environment."""
-    _require(env=env or inventory)
-    from fraisier.app import run_task
-    from fraisier.runner import RunOptions
 
-    _check_wait_lock(wait_lock)
-    options = RunOptions(limit=limit, ref=ref, dry_run=dry_run, wait_lock=float(wait_lock))
-    _run(
-        lambda: run_task(
+    def action() -> int:
+        from fraisier.app import run_task
+        from fraisier.runner import RunOptions
+
+        _require(env=env or inventory)
+        seconds = _wait_lock_seconds(wait_lock)
+        options = RunOptions(limit=limit, ref=ref, dry_run=dry_run, wait_lock=seconds)
+        return run_task(
             "deploy", env, fraise=fraise, inventory=inventory, options=options, output_json=json
-        ),
-        log_format,
-        log_level,
-        log_file,
-    )
+        )
+
+    _run(action, log_format, log_level, log_file)
 
 
 @task(
@@ -129,7 +157,7 @@ def rollback(
     fraise: str | None = None,
     to: str | None = None,
     limit: str | None = None,
-    wait_lock: int = 0,
+    wait_lock: str = "0",
     inventory: str | None = None,
     json: bool = False,
     log_format: str = "auto",
@@ -137,14 +165,14 @@ def rollback(
     log_file: str | None = None,
 ) -> None:
     """Switch hosts back to an earlier good release and restart the service."""
-    _require(env=env or inventory)
-    from fraisier.app import run_task
-    from fraisier.runner import RunOptions
 
-    _check_wait_lock(wait_lock)
-    options = RunOptions(limit=limit, wait_lock=float(wait_lock))
-    _run(
-        lambda: run_task(
+    def action() -> int:
+        from fraisier.app import run_task
+        from fraisier.runner import RunOptions
+
+        _require(env=env or inventory)
+        options = RunOptions(limit=limit, wait_lock=_wait_lock_seconds(wait_lock))
+        return run_task(
             "rollback",
             env,
             fraise=fraise,
@@ -152,11 +180,9 @@ def rollback(
             options=options,
             to_release=to,
             output_json=json,
-        ),
-        log_format,
-        log_level,
-        log_file,
-    )
+        )
+
+    _run(action, log_format, log_level, log_file)
 
 
 @task(
@@ -181,15 +207,14 @@ def releases(
     log_file: str | None = None,
 ) -> None:
     """List the releases on every host and mark the current one; changes nothing."""
-    _require(env=env or inventory)
-    from fraisier.app import releases_report
 
-    _run(
-        lambda: releases_report(env, fraise=fraise, inventory=inventory, output_json=json),
-        log_format,
-        log_level,
-        log_file,
-    )
+    def action() -> int:
+        from fraisier.app import releases_report
+
+        _require(env=env or inventory)
+        return releases_report(env, fraise=fraise, inventory=inventory, output_json=json)
+
+    _run(action, log_format, log_level, log_file)
 
 
 @task(
@@ -215,12 +240,11 @@ def unlock(
     log_file: str | None = None,
 ) -> None:
     """Remove a deploy lock left on hosts by a dead run, printing its holder."""
-    _require(env=env or inventory, fraise=fraise)
-    from fraisier.app import unlock as unlock_hosts
 
-    _run(
-        lambda: unlock_hosts(env, fraise, host=host, inventory=inventory, force=force),
-        log_format,
-        log_level,
-        log_file,
-    )
+    def action() -> int:
+        from fraisier.app import unlock as unlock_hosts
+
+        _require(env=env or inventory, fraise=fraise)
+        return unlock_hosts(env, fraise, host=host, inventory=inventory, force=force)
+
+    _run(action, log_format, log_level, log_file)

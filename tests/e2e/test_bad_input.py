@@ -393,3 +393,27 @@ def test_json_log_error_before_run(tmp_path: Path, task: str) -> None:
     assert errors[0]["error_code"] == "configuration_error"
     assert errors[0]["exit_code"] == 2
     assert "unknown environment 'nosuch'" in errors[0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["unlock", "--env", "prod"], "--fraise is required"),
+        (["deploy", "--env", "prod", "--log-level", "LOUD"], "invalid log level 'LOUD'"),
+        (["deploy", "--env", "prod", "--log-file", "/proc/version"], "cannot open log file"),
+        (["deploy", "--env", "prod", "--wait-lock", "abc"], "--wait-lock must be a number"),
+        (["rollback", "--env", "prod", "--wait-lock", "-1"], "--wait-lock must be 0 or more"),
+    ],
+)
+def test_json_log_option_errors(tmp_path: Path, args: list[str], fragment: str) -> None:
+    import json
+
+    (tmp_path / "inventories").mkdir()
+
+    result = run_fraisier(tmp_path, *args, "--log-format", "json")
+
+    assert result.returncode == 2, str(result)
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0]["error_code"] == "configuration_error"
+    assert fragment in lines[0]["message"]

@@ -599,7 +599,7 @@ def test_environment_keep_releases_checked(tmp_path, value):
         )
     )
 
-    with pytest.raises(ConfigurationError, match="'vars.keep_releases' must be a whole number"):
+    with pytest.raises(ConfigurationError, match=r"'vars\.keep_releases' must be a whole number"):
         load_inventory(inventory)
 
 
