@@ -60,7 +60,13 @@ def inventory_database_setting(project_root: Path, env: str | None) -> str | Non
     return settings.get("database")
 
 
-def _exit_for(exc: FraisierError) -> Exit:
+def _exit_for(exc: FraisierError, log_format: str = "console") -> Exit:
+    """Return the Exit of an error; with JSON logs the error is logged as a JSON line instead."""
+    if log_format == "json":
+        logging.getLogger("fraisier.cli").error(
+            "%s", exc.message, extra={"error_code": exc.code, "exit_code": int(exc.exit_code)}
+        )
+        return Exit(code=int(exc.exit_code))
     return Exit(f"error: {exc}", code=int(exc.exit_code))
 
 
@@ -73,13 +79,13 @@ def _store(env: str | None, check_schema: bool = True) -> Iterator[tuple[RunStor
     """
     from fraisier.logging import configure_logging
 
-    configure_logging()
+    log_format = configure_logging()
     try:
         root = find_project_root()
         url = resolve_database_url(inventory_database_setting(root, env), root)
         store = open_store(url)
     except FraisierError as exc:
-        raise _exit_for(exc) from None
+        raise _exit_for(exc, log_format) from None
     try:
         if check_schema:
             # A database no run has used yet is created here, as a deploy would create it.
@@ -88,7 +94,7 @@ def _store(env: str | None, check_schema: bool = True) -> Iterator[tuple[RunStor
             store.check_schema()
         yield store, root
     except FraisierError as exc:
-        raise _exit_for(exc) from None
+        raise _exit_for(exc, log_format) from None
     finally:
         store.close()
 

@@ -216,3 +216,16 @@ def test_sync_named_journal_file(tmp_path):
     store.close()
     assert missing.returncode == ExitCode.CONFIGURATION
     assert "not found" in missing.stderr
+
+
+def test_history_error_as_json_line(tmp_path):
+    import json
+
+    root = _project(tmp_path, "oracle://nobody@127.0.0.1/x")
+
+    result = _fraisier(root, "history", "--env", "prod", env={"FRAISIER_LOG_FORMAT": "json"})
+
+    assert result.returncode == ExitCode.CONFIGURATION
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert [line["error_code"] for line in lines] == ["configuration_error"]
+    assert "unsupported database URL scheme 'oracle'" in lines[0]["message"]
