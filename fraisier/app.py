@@ -102,7 +102,12 @@ def _var_dir(inventory: Inventory) -> Path:
 def backends(inventory: Inventory) -> Iterator[Backends]:
     """Open the run database (migrating an empty one), the journal, audit and metrics push."""
     from fraisier.audit import Auditor
-    from fraisier.db import default_journal_path, open_store, resolve_database_url
+    from fraisier.db import (
+        database_identity,
+        default_journal_path,
+        open_store,
+        resolve_database_url,
+    )
     from fraisier.db.recorder import Recorder
     from fraisier.metrics import push_run_metrics, push_run_start, resolve_pushgateway_url
 
@@ -144,7 +149,7 @@ def backends(inventory: Inventory) -> Iterator[Backends]:
             command_name(),
         )
 
-    recorder = Recorder(store_factory, journal)
+    recorder = Recorder(store_factory, journal, database=database_identity(url))
     try:
         replayed = recorder.replay() if state["down"] is None else 0
         if replayed:

@@ -22,7 +22,13 @@ from invoke.exceptions import Exit
 
 from fraisier.cli.output import quiet_on_closed_stdout
 from fraisier.command import command_name
-from fraisier.db import RunStore, default_journal_path, open_store, resolve_database_url
+from fraisier.db import (
+    RunStore,
+    database_identity,
+    default_journal_path,
+    open_store,
+    resolve_database_url,
+)
 from fraisier.errors import ConfigurationError, ExitCode, FraisierError
 from fraisier.inventory import load_yaml
 from fraisier.records import RunRecord
@@ -327,11 +333,11 @@ def db_sync(c: Context, env: str | None = None, journal: str | None = None) -> N
         print(f"replayed {replayed} journaled record(s) from {path} into {store.url}")
     else:
         print(f"nothing to replay: {store.url} has no journal ({path} does not exist)")
-    _report_other_journals(root, env, exclude=path)
+    _report_other_journals(root, env, exclude=path, current=database_identity(url))
 
 
-def _report_other_journals(root: Path, env: str | None, exclude: Path) -> None:
-    """Name the journals of other database URLs that still hold records.
+def _report_other_journals(root: Path, env: str | None, exclude: Path, current: str) -> None:
+    """Name the journals of other databases that still hold records, and whose they are.
 
     Records journaled under a misspelled or retired URL wait in their own file; only the
     operator can tell whether they belong to this database.
@@ -341,10 +347,16 @@ def _report_other_journals(root: Path, env: str | None, exclude: Path) -> None:
             continue
         with other.open(encoding="utf-8") as lines:
             count = sum(1 for line in lines if line.strip())
+        label_file = other.with_name(other.name + ".database")
+        owner = (
+            label_file.read_text(encoding="utf-8").strip()
+            if label_file.is_file()
+            else "a database it does not name"
+        )
         env_option = f" --env {env}" if env else ""
         print(
-            f"note: {other} holds {count} record(s) journaled for another database URL; if "
-            f"they belong to this database, replay them with "
+            f"note: {other} holds {count} record(s) journaled for {owner}, not for {current}; "
+            f"if they belong to {current}, replay them with "
             f"`{command_name()} db.sync{env_option} --journal {other}`"
         )
 

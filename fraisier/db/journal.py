@@ -59,11 +59,20 @@ def decode_record(line: str) -> Record:
 
 
 class Journal:
-    """The journal file at ``path``; the file and its directory are created on first append."""
+    """The journal file at ``path``; the file and its directory are created on first append.
 
-    def __init__(self, path: Path) -> None:
+    ``database`` names the database the records are for, without a password. The first append
+    writes it to ``PATH.database``, so that ``db.sync`` can say whose records a journal holds.
+    """
+
+    def __init__(self, path: Path, database: str | None = None) -> None:
         self.path = Path(path)
         self.rejected_path = self.path.with_name(self.path.name + ".rejected")
+        self.database = database
+
+    @property
+    def database_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".database")
 
     @contextmanager
     def _locked(self, flags: int) -> Iterator[int]:
@@ -79,6 +88,8 @@ class Journal:
         """Append one record and fsync it; raises OSError when the file cannot be written."""
         data = (encode_record(record) + "\n").encode("utf-8", "surrogatepass")
         with self._locked(os.O_WRONLY | os.O_APPEND) as fd:
+            if self.database and not self.database_path.exists():
+                self.database_path.write_text(self.database + "\n", encoding="utf-8")
             written = 0
             while written < len(data):
                 written += os.write(fd, data[written:])

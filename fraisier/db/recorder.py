@@ -51,9 +51,10 @@ class Recorder:
         *,
         retry_interval: float = DEFAULT_RETRY_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        database: str | None = None,
     ) -> None:
         self._store_factory = store_factory
-        self.journal = Journal(journal_path)
+        self.journal = Journal(journal_path, database=database)
         self._retry_interval = retry_interval
         self._clock = clock
         self._store: RunStore | None = None

@@ -13,7 +13,7 @@ import yaml
 from history_data import at, write_history
 from support import free_port
 
-from fraisier.db import default_journal_path, open_store
+from fraisier.db import database_identity, default_journal_path, open_store
 from fraisier.db.recorder import Recorder
 from fraisier.errors import ExitCode
 from fraisier.records import RunRecord
@@ -193,7 +193,11 @@ def test_sync_named_journal_file(tmp_path):
     misspelled = f"sqlite:///{tmp_path}/typo.db"
     url = f"sqlite:///{tmp_path}/runs.db"
     journal = default_journal_path(root, misspelled)
-    recorder = Recorder(lambda: open_store(f"mysql://root@127.0.0.1:{free_port()}/x"), journal)
+    recorder = Recorder(
+        lambda: open_store(f"mysql://root@127.0.0.1:{free_port()}/x"),
+        journal,
+        database=database_identity(misspelled),
+    )
     recorder.save_run(RunRecord("run-t", "prod", "api", "deploy", at(0), "success"))
 
     plain = _fraisier(root, "db.sync", env={"FRAISIER_DATABASE_URL": url})
@@ -209,6 +213,9 @@ def test_sync_named_journal_file(tmp_path):
     )
 
     assert f"fraisier db.sync --journal {journal}" in plain.stdout
+    assert f"journaled for sqlite:{tmp_path}/typo.db, not for sqlite:{tmp_path}/runs.db" in (
+        plain.stdout
+    )
     assert named.returncode == 0, named.stderr
     assert "replayed 1 journaled record(s)" in named.stdout
     store = open_store(url)

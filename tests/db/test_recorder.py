@@ -10,7 +10,7 @@ import pytest
 from history_data import at, build_history, write_history
 from support import free_port
 
-from fraisier.db import open_store
+from fraisier.db import database_identity, open_store
 from fraisier.db.journal import Journal, encode_record
 from fraisier.db.recorder import Recorder
 from fraisier.errors import DatabaseError, SchemaVersionError
@@ -41,12 +41,17 @@ def _snapshot(store) -> dict:
 def test_down_database_journals_then_replays(databases, dialect, tmp_path, caplog):
     journal_path = tmp_path / "var" / "journal.jsonl"
     down_url = _down_url()
-    recorder = Recorder(lambda: open_store(down_url), journal_path)
+    recorder = Recorder(
+        lambda: open_store(down_url), journal_path, database=database_identity(down_url)
+    )
 
     with caplog.at_level(logging.WARNING, logger="fraisier.db.recorder"):
         write_history(recorder)
 
     assert recorder.pending() == _record_count()
+    label = journal_path.with_name(journal_path.name + ".database").read_text().strip()
+    assert label == database_identity(down_url)
+    assert "Down-Pass-321" not in label
     warnings = [r for r in caplog.records if r.name == "fraisier.db.recorder"]
     assert len(warnings) == 1
     assert str(journal_path) in warnings[0].getMessage()
