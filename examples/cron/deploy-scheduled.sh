@@ -28,6 +28,30 @@ usage_error() {
 
 [[ $# -eq 1 ]] || usage_error "usage: deploy-scheduled.sh ENV"
 env_name=$1
+
+# Export the NAME=value lines of DEPLOY_ENV_FILE first, so that the file may set
+# FRAISIER_PROJECT too. The file is read as data, never run as shell code, and no value is
+# printed, not even in an error.
+load_env_file() {
+  local file=$1 line number=0
+  [[ -f $file && -r $file ]] || usage_error "DEPLOY_ENV_FILE $file is missing or not readable"
+  while IFS= read -r line || [[ -n $line ]]; do
+    number=$((number + 1))
+    line=${line%$'\r'} # a file saved with CRLF line ends
+    [[ -z ${line//[[:space:]]/} || $line == \#* ]] && continue
+    [[ $line =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
+      usage_error "DEPLOY_ENV_FILE $file line $number is not NAME=value"
+    # bash exits at once when export meets a read-only variable, so try it in a subshell.
+    (export "${line%%=*}=${line#*=}") 2>/dev/null ||
+      usage_error "DEPLOY_ENV_FILE $file line $number sets a read-only variable"
+    export "${line%%=*}=${line#*=}"
+  done <"$file"
+}
+
+if [[ -n ${DEPLOY_ENV_FILE:-} ]]; then
+  load_env_file "$DEPLOY_ENV_FILE"
+fi
+
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 project=${FRAISIER_PROJECT:-$script_dir}
 # Fraisier runs from inside the project below, so a relative path must be made absolute first.
@@ -37,24 +61,6 @@ export FRAISIER_PROJECT=$project
 log_file=${DEPLOY_LOG:-$project/var/log/deploy-$env_name.log}
 [[ $log_file == /* ]] || log_file=$PWD/$log_file
 mkdir -p "$(dirname "$log_file")"
-
-# Export the NAME=value lines of DEPLOY_ENV_FILE. The file is read as data, never run as shell
-# code, and no value is printed, not even in an error.
-load_env_file() {
-  local file=$1 line number=0
-  [[ -r $file ]] || usage_error "DEPLOY_ENV_FILE $file is missing or not readable"
-  while IFS= read -r line || [[ -n $line ]]; do
-    number=$((number + 1))
-    [[ -z ${line//[[:space:]]/} || $line == \#* ]] && continue
-    [[ $line =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] ||
-      usage_error "DEPLOY_ENV_FILE $file line $number is not NAME=value"
-    export "${line%%=*}=${line#*=}"
-  done <"$file"
-}
-
-if [[ -n ${DEPLOY_ENV_FILE:-} ]]; then
-  load_env_file "$DEPLOY_ENV_FILE"
-fi
 
 summary=$(mktemp)
 errors=$(mktemp)

@@ -442,15 +442,49 @@ def test_cron_env_file_read_as_data(sandbox: Sandbox, tmp_path: Path) -> None:
 def test_cron_env_file_errors_exit_2(sandbox: Sandbox, tmp_path: Path) -> None:
     bad = tmp_path / "bad.env"
     bad.write_text("export HELLO_API_TOKEN=s3cr3t-value\n")
+    readonly = tmp_path / "readonly.env"
+    readonly.write_text("# bash's own\nUID=5\n")
 
     missing = run_cron(sandbox, {"DEPLOY_ENV_FILE": str(tmp_path / "nope.env")})
+    folder = run_cron(sandbox, {"DEPLOY_ENV_FILE": str(tmp_path)})
     malformed = run_cron(sandbox, {"DEPLOY_ENV_FILE": str(bad)})
+    read_only = run_cron(sandbox, {"DEPLOY_ENV_FILE": str(readonly)})
 
     assert missing.returncode == 2
     assert "is missing or not readable" in missing.stderr
+    assert folder.returncode == 2
+    assert "is missing or not readable" in folder.stderr
     assert malformed.returncode == 2
     assert "line 1 is not NAME=value" in malformed.stderr
     assert "s3cr3t-value" not in malformed.stderr
+    assert read_only.returncode == 2
+    assert "line 2 sets a read-only variable" in read_only.stderr
+
+
+def test_cron_env_file_crlf_and_project(sandbox: Sandbox, tmp_path: Path) -> None:
+    env_file = tmp_path / "prod.env"
+    env_file.write_bytes(
+        f"HELLO_API_TOKEN=abc\r\nFRAISIER_PROJECT={sandbox.root / CRON}\r\n".encode()
+    )
+    seen = tmp_path / "seen"
+    fake = tmp_path / "fake-fraisier"
+    fake.write_text(
+        f'#!/bin/sh\nprintf "%s|%s|%s" "$HELLO_API_TOKEN" "$FRAISIER_PROJECT" "$PWD" > {seen}\n'
+    )
+    fake.chmod(0o755)
+
+    done = run_cron(
+        sandbox,
+        {
+            "DEPLOY_ENV_FILE": str(env_file),
+            "FRAISIER": str(fake),
+            "FRAISIER_PROJECT": "/nonexistent",
+        },
+    )
+
+    assert done.returncode == 0, done.stderr
+    project = str(sandbox.root / CRON)
+    assert seen.read_text() == f"abc|{project}|{project}"
 
 
 def test_cron_usage_and_relative_project(sandbox: Sandbox, cron_env: dict[str, str]) -> None:
