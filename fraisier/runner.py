@@ -634,8 +634,11 @@ class FraiseRun:
         """Return the release layout of this fraise on ``host``."""
         return ReleasePaths(self._deployer("read", None).variables_for(host, None)["deploy_to"])
 
-    def read_state(self, host: Host) -> HostState:
-        """Connect to ``host`` and read, without changing anything, its releases of the fraise."""
+    def read_state(self, host: Host, check_upload: bool = False) -> HostState:
+        """Connect to ``host`` and read, without changing anything, its releases of the fraise.
+
+        With ``check_upload``, also check that a release could be uploaded (SFTP over SSH).
+        """
         factory = self.services.transport_factory or (
             lambda target: open_transport(target, self.settings)
         )
@@ -644,6 +647,8 @@ class FraiseRun:
         try:
             transport.connect()
             output = transport.run(paths.read_state_command(), timeout=30).stdout
+            if check_upload and self.recipe.makes_release:
+                transport.check_upload()
         finally:
             transport.close()
         return ReleasePaths.parse_state(output)
@@ -654,7 +659,7 @@ class FraiseRun:
         unchecked: list[str] = []
         for host in self.hosts:
             try:
-                state = self.read_state(host)
+                state = self.read_state(host, check_upload=True)
             except FraisierError as exc:
                 lines.append(f"  {host.name}: cannot read the current release: {exc.message}")
                 unchecked.append(host.name)

@@ -83,6 +83,12 @@ class Transport(abc.ABC):
     def put(self, local_path: Path, remote_path: str, *, timeout: float) -> None:
         """Upload one file."""
 
+    def check_upload(self) -> None:  # noqa: B027 - a no-op unless a transport needs a check
+        """Check, without writing anything, that ``put`` can upload to this host.
+
+        The local transport copies files and needs no check.
+        """
+
     @abc.abstractmethod
     def close(self) -> None:
         """Close every channel and the connection; safe to call twice."""

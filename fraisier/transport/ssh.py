@@ -324,26 +324,39 @@ class SSHTransport(Transport):
             self.close()
             return False
 
+    def _open_sftp(self) -> paramiko.SFTPClient:
+        try:
+            return self.connection.client.open_sftp()
+        except paramiko.SSHException as exc:
+            transport = self.connection.client.get_transport()
+            if transport is None or not transport.is_active():
+                raise
+            # The connection is up but the server closed the subsystem channel: its sshd has
+            # no SFTP subsystem, which a retry cannot fix.
+            raise ProviderError(
+                f"{self.name} refused the SFTP subsystem ({exc}); Fraisier uploads releases "
+                "over SFTP, so add 'Subsystem sftp internal-sftp' (or the path of "
+                "sftp-server) to the host's sshd_config and reload sshd",
+                code="sftp_unavailable",
+                context=dict(self._context),
+                recoverable=False,
+            ) from exc
+
+    def check_upload(self) -> None:
+        if self.connection is None:
+            self.connect()
+        try:
+            self._open_sftp().close()
+        except FraisierError:
+            raise
+        except Exception as exc:
+            raise translate_exception(exc, **self._context) from exc
+
     def put(self, local_path: Path, remote_path: str, *, timeout: float) -> None:
         if self.connection is None:
             self.connect()
         try:
-            try:
-                sftp = self.connection.client.open_sftp()
-            except paramiko.SSHException as exc:
-                transport = self.connection.client.get_transport()
-                if transport is None or not transport.is_active():
-                    raise
-                # The connection is up but the server closed the subsystem channel: its sshd
-                # has no SFTP subsystem, which a retry cannot fix.
-                raise ProviderError(
-                    f"{self.name} refused the SFTP subsystem ({exc}); Fraisier uploads releases "
-                    "over SFTP, so add 'Subsystem sftp internal-sftp' (or the path of "
-                    "sftp-server) to the host's sshd_config and reload sshd",
-                    code="sftp_unavailable",
-                    context=dict(self._context),
-                    recoverable=False,
-                ) from exc
+            sftp = self._open_sftp()
             try:
                 sftp.get_channel().settimeout(timeout)
                 sftp.put(str(local_path), remote_path)

@@ -515,10 +515,15 @@ def test_host_without_sftp_named(tmp_path: Path, ssh_host_factory: Any) -> None:
         vars={"port": 8799},
     )
 
+    dry_run = run_fraisier(
+        tmp_path, "deploy", "--env", "test", "--inventory", str(inventory), "--dry-run"
+    )
     result = run_fraisier(
         tmp_path, "deploy", "--env", "test", "--inventory", str(inventory), "--json"
     )
 
+    assert dry_run.returncode == 1, str(dry_run)
+    assert "refused the SFTP subsystem" in dry_run.stdout
     assert result.returncode == 1, str(result)
     entry = result.json()[0]["hosts"][0]
     assert entry["status"] == "failed"
