@@ -20,6 +20,7 @@ operators need it to debug a missing file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import re
 import shlex
@@ -107,6 +108,8 @@ class Redactor:
         self._secrets: set[str] = set()
         self._lock = threading.Lock()
         self._pattern: re.Pattern[str] | None = None
+        # Digests of the too-short secrets already warned about, so each is warned about once.
+        self._short_warned: set[str] = set()
 
     def add_secret(self, value: str | None) -> None:
         """Register ``value`` and its encoded forms so that later redactions mask them."""
@@ -115,6 +118,10 @@ class Redactor:
         if not isinstance(value, str):
             value = str(value)
         if len(value) < MIN_SECRET_LENGTH:
+            digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+            if digest in self._short_warned:
+                return
+            self._short_warned.add(digest)
             # The value itself must not be logged, only the fact and the limit.
             logger.warning(
                 "a secret of %d characters is not masked in output: secrets shorter than %d "

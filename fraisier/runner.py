@@ -931,8 +931,12 @@ def target_problem(hostrun: HostRun, target: str, explicit: bool) -> FraisierErr
     allowed = (*GOOD_STATES, "rolled_back") if explicit else GOOD_STATES
     if target_state not in allowed:
         return FraisierError(
-            f"release {target} on {hostrun.host.name} is marked {target_state}; "
-            "choose a release marked ready or healthy",
+            f"release {target} on {hostrun.host.name} is marked {target_state}; choose a "
+            + (
+                "release marked ready, healthy or rolled_back"
+                if explicit
+                else "release marked ready or healthy with --to"
+            ),
             code="release_not_good",
         )
     return None

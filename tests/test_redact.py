@@ -124,11 +124,14 @@ def test_short_secret_rejected_with_warning(caplog: pytest.LogCaptureFixture) ->
     try:
         with caplog.at_level(logging.WARNING, logger="fraisier.redact"):
             redactor.add_secret("abc")
+            redactor.add_secret("abc")
+            redactor.add_secret("xy")
     finally:
         module_logger.removeHandler(caplog.handler)
 
     assert redactor.redact("abc") == "abc"
-    assert "3 characters" in caplog.text
+    assert caplog.text.count("3 characters") == 1
+    assert caplog.text.count("2 characters") == 1
     assert "abc" not in caplog.text
 
 

@@ -86,7 +86,7 @@ class SSHTransport(Transport):
         if isinstance(error, AuthenticationError):
             keys = self.host.identity_file or "ssh-agent and the default keys in ~/.ssh"
             error.message = (
-                f"{error.message}: logged in as user '{connection.user}' on "
+                f"{error.message}: tried user '{connection.user}' on "
                 f"{connection.host}:{port}, offering {keys}; set 'user' or 'identity_file' of "
                 f"host {self.name} in the inventory, or fix authorized_keys on the host"
             )

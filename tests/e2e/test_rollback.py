@@ -83,7 +83,7 @@ def test_rollback_to_failed_release(project: TestProject) -> None:
 
     assert result.returncode == 2, str(result)
     assert f"release {bad} on {project.hosts[0].name} is marked failed" in result.output
-    assert "choose a release marked ready or healthy" in result.output
+    assert "choose a release marked ready, healthy or rolled_back" in result.output
     assert_everywhere(project, good)
 
 
