@@ -35,7 +35,7 @@ def _require(**values: str | None) -> None:
 
 
 def _wait_lock_seconds(value: str) -> float:
-    """Return ``--wait-lock`` as seconds; Invoke passes it as text, so a bad value is ours."""
+    """Return ``--wait-lock`` as seconds; Invoke passes it as text, so Fraisier checks it."""
     try:
         seconds = float(value)
     except ValueError:
