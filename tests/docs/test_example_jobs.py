@@ -502,3 +502,62 @@ def test_cron_usage_and_relative_project(sandbox: Sandbox, cron_env: dict[str, s
     assert "usage: deploy-scheduled.sh ENV" in no_argument.stderr
     assert relative.returncode == 0, relative.stderr
     assert not (sandbox.root / CRON / CRON).exists()
+
+
+def _exiting_fraisier(directory: Path, code: int) -> Path:
+    """Write a stand-in for fraisier that prints an empty summary and exits with ``code``.
+
+    A real failed rollback (3) and a failed database task (5) are produced by the fault and
+    database tests; here only the scripts' handling of the codes is under test.
+    """
+    stub = directory / f"fraisier-exit-{code}"
+    stub.write_text(f"#!/bin/sh\necho '[]'\nexit {code}\n")
+    stub.chmod(0o755)
+    return stub
+
+
+@pytest.mark.parametrize(
+    ("code", "channel", "expected"),
+    [
+        (3, "page", "PAGE: rollback failed during the deploy of prod (exit 3)"),
+        (5, "alert", "ALERT: deploy of prod failed on the run database (exit 5)"),
+        (143, "alert", "ALERT: deploy of prod was interrupted (exit 143)"),
+    ],
+)
+def test_cron_rare_exit_codes(
+    sandbox: Sandbox, tmp_path: Path, code: int, channel: str, expected: str
+) -> None:
+    page, alert = tmp_path / "page.txt", tmp_path / "alert.txt"
+
+    done = run_cron(
+        sandbox,
+        {
+            "FRAISIER": str(_exiting_fraisier(tmp_path, code)),
+            "ALERT_COMMAND": f"cat > {alert}",
+            "PAGE_COMMAND": f"cat > {page}",
+        },
+    )
+
+    assert done.returncode == code
+    assert done.stderr == ""
+    sent = (page if channel == "page" else alert).read_text()
+    assert sent.startswith(expected), sent
+    assert not (alert if channel == "page" else page).exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (3, "rollback failed during the deploy of"),
+        (5, "failed on the run database (exit 5)"),
+    ],
+)
+def test_ci_rare_exit_codes(
+    repository: ServiceRepository, tmp_path: Path, code: int, expected: str
+) -> None:
+    commit = git(repository.origin, "rev-parse", "HEAD")
+
+    done = repository.run_job(commit, {"FRAISIER": str(_exiting_fraisier(tmp_path, code))})
+
+    assert done.returncode == code
+    assert expected in done.stderr
