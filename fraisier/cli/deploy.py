@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import json as json_module
-import logging
-import sys
 from collections.abc import Callable
 
 from invoke import Context, task
 from invoke.exceptions import Exit
 
-from fraisier.cli.output import quiet_on_closed_stdout
+from fraisier.cli.output import error_exit, quiet_on_closed_stdout
 from fraisier.errors import ConfigurationError, ExitCode, FraisierError
 
 LOG_HELP = {
@@ -47,21 +43,6 @@ def _wait_lock_seconds(value: str) -> float:
     return seconds
 
 
-def _json_error_line(exc: FraisierError) -> str:
-    """Format an error as the JSON log formatter does, for when logging is not set up."""
-    return json_module.dumps(
-        {
-            "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(),
-            "level": "ERROR",
-            "logger": "fraisier.cli",
-            "message": exc.message,
-            "error_code": exc.code,
-            "exit_code": int(exc.exit_code),
-        },
-        ensure_ascii=False,
-    )
-
-
 def _run(
     action: Callable[[], int], log_format: str, log_level: str | None, log_file: str | None
 ) -> None:
@@ -79,15 +60,7 @@ def _run(
         configured = True
         code = action()
     except FraisierError as exc:
-        if stream_format != "json":
-            raise Exit(f"error: {exc}", code=int(exc.exit_code)) from None
-        if configured:
-            logging.getLogger("fraisier.cli").error(
-                "%s", exc.message, extra={"error_code": exc.code, "exit_code": int(exc.exit_code)}
-            )
-        else:
-            print(_json_error_line(exc), file=sys.stderr)
-        raise Exit(code=int(exc.exit_code)) from None
+        raise error_exit(exc, stream_format, logging_ready=configured) from None
     except KeyboardInterrupt:
         raise Exit("interrupted", code=int(ExitCode.INTERRUPTED_SIGINT)) from None
     if code != 0:

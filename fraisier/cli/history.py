@@ -20,7 +20,7 @@ from typing import Any
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
-from fraisier.cli.output import quiet_on_closed_stdout
+from fraisier.cli.output import error_exit, quiet_on_closed_stdout
 from fraisier.command import command_name
 from fraisier.db import (
     RunStore,
@@ -66,16 +66,6 @@ def inventory_database_setting(project_root: Path, env: str | None) -> str | Non
     return settings.get("database")
 
 
-def _exit_for(exc: FraisierError, log_format: str = "console") -> Exit:
-    """Return the Exit of an error; with JSON logs the error is logged as a JSON line instead."""
-    if log_format == "json":
-        logging.getLogger("fraisier.cli").error(
-            "%s", exc.message, extra={"error_code": exc.code, "exit_code": int(exc.exit_code)}
-        )
-        return Exit(code=int(exc.exit_code))
-    return Exit(f"error: {exc}", code=int(exc.exit_code))
-
-
 @contextmanager
 def _store(env: str | None, check_schema: bool = True) -> Iterator[tuple[RunStore, Path]]:
     """Open the run store of ``env`` and yield it with the project root.
@@ -91,7 +81,7 @@ def _store(env: str | None, check_schema: bool = True) -> Iterator[tuple[RunStor
         url = resolve_database_url(inventory_database_setting(root, env), root)
         store = open_store(url)
     except FraisierError as exc:
-        raise _exit_for(exc, log_format) from None
+        raise error_exit(exc, log_format) from None
     try:
         if check_schema:
             # A database no run has used yet is created here, as a deploy would create it.
@@ -100,7 +90,7 @@ def _store(env: str | None, check_schema: bool = True) -> Iterator[tuple[RunStor
             store.check_schema()
         yield store, root
     except FraisierError as exc:
-        raise _exit_for(exc, log_format) from None
+        raise error_exit(exc, log_format) from None
     finally:
         store.close()
 
