@@ -6,8 +6,8 @@ and the ``doc-test`` HTML comments written just above them:
 - ``<!-- doc-test: skip: REASON -->`` keeps an ``sh`` block from being run, for a command that
   cannot run on the test machine (it runs the test suite itself, or needs a real cloud host);
 - ``<!-- doc-test: exit N -->`` expects the ``sh`` block to exit with status N, not 0;
-- ``<!-- doc-test: excerpt PATH -->`` says that a ``yaml`` block is copied from the file PATH
-  of the repository, whose example deploys are tested;
+- ``<!-- doc-test: excerpt PATH -->`` marks a ``yaml`` block as a copy of lines of the file
+  PATH of the repository, whose example deploys are tested;
 - ``<!-- doc-test: before ... -->`` holds hidden shell lines run just before the next block,
   to set the scene (a broken health check, a stale lock) that the shown command needs.
 
@@ -167,10 +167,11 @@ def bind_inventory(
 ) -> list[str]:
     """Point the SSH hosts of the inventory at ``path`` to the test hosts, in file order.
 
-    Only what the test machine forces changes: each host's address, port, user and key, host
-    variables ``deploy_root`` (the test hosts share one file system) and ``bind`` (each
-    service listens on its host's own loopback address), the known_hosts file, a database
-    that is not SQLite and the Pushgateway. Returns the names of the bound hosts.
+    Only what the test machine forces changes. Each host gets the address, port, user and key
+    of its test host, and the host variables ``deploy_root`` (the test hosts share one file
+    system) and ``bind`` (each service listens on its host's own loopback address). The
+    settings get the known_hosts file, a SQLite database in place of any other, and the test
+    Pushgateway. Returns the names of the bound hosts.
     """
     data = yaml.load(path.read_text(encoding="utf-8"), Loader=_TagLoader)
     ssh_names = [
@@ -304,7 +305,7 @@ class Sandbox:
         return env
 
     def _make_venv(self) -> Path:
-        """Create, once, a virtual environment that sees this machine's packages.
+        """Create, once, a virtual environment that also uses this machine's installed packages.
 
         A command that runs ``pip install -e .`` installs the sandbox there, not over the
         checkout's own installation.
@@ -317,44 +318,35 @@ class Sandbox:
     def run(self, block: Block) -> BlockResult:
         """Run the block's hidden lines, then the block, with bash in the sandbox root."""
         needs_venv = "pip install" in block.text
-        env = self.environment(needs_venv)
         for setup in block.before:
-            prepared = subprocess.run(
-                ["bash", "-euo", "pipefail", "-c", setup],
-                cwd=self.root,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=BLOCK_TIMEOUT,
-                check=False,
-            )
+            # Hidden lines also stop at an unset variable, so a typo cannot set a wrong scene.
+            prepared = self.shell("set -u\n" + setup, venv=needs_venv)
             if prepared.returncode != 0:
                 raise AssertionError(
                     f"{block.where}: hidden setup failed ({prepared.returncode}):\n{setup}\n"
                     f"{prepared.stdout}\n{prepared.stderr}"
                 )
-        completed = subprocess.run(
-            ["bash", "-eo", "pipefail", "-c", block.text],
-            cwd=self.root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=BLOCK_TIMEOUT,
-            check=False,
-        )
+        completed = self.shell(block.text, venv=needs_venv)
         return BlockResult(block, completed.returncode, completed.stdout, completed.stderr)
 
     def shell(
-        self, command: str, cwd: str = ".", env: dict[str, str] | None = None
+        self,
+        command: str,
+        cwd: str = ".",
+        env: dict[str, str] | None = None,
+        venv: bool | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run ``command`` with bash in the folder ``cwd`` of the sandbox; output is captured.
 
-        ``env`` adds or replaces environment variables. The exit status is not checked.
+        ``env`` adds or replaces environment variables. ``venv`` puts the sandbox's virtual
+        environment first on PATH; by default only a command that runs ``pip install`` gets
+        it. The exit status is not checked.
         """
+        needs_venv = "pip install" in command if venv is None else venv
         return subprocess.run(
             ["bash", "-eo", "pipefail", "-c", command],
             cwd=self.root / cwd,
-            env={**self.environment("pip install" in command), **(env or {})},
+            env={**self.environment(needs_venv), **(env or {})},
             capture_output=True,
             text=True,
             timeout=BLOCK_TIMEOUT,
