@@ -675,6 +675,8 @@ def _read_fraises(
             f"{path}: 'fraises' is missing or empty; define at least one fraise"
         )
     fraises: dict[str, Fraise] = {}
+    # The environment's vars.keep_releases is every fraise's default, checked once.
+    default_keep = _environment_keep_releases(path, env_vars)
     for name in section.data:
         try:
             validate_name(name, "fraise name")
@@ -725,10 +727,7 @@ def _read_fraises(
             source=_read_source(f, path),
             health_check=_read_health_check(f),
             shared=tuple(_check_shared(f, p) for p in f.str_list("shared")),
-            keep_releases=f.int(
-                "keep_releases", _environment_keep_releases(path, env_vars), 1, 1000
-            )
-            or 5,
+            keep_releases=f.int("keep_releases", default_keep, 1, 1000) or 5,
             settings=fraise_settings,
             vars=fraise_vars,
         )

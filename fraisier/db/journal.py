@@ -62,13 +62,14 @@ class Journal:
     """The journal file at ``path``; the file and its directory are created on first append.
 
     ``database`` names the database the records are for, without a password. The first append
-    writes it to ``PATH.database``, so that ``db.sync`` can say whose records a journal holds.
+    writes it to ``PATH.database``, so that ``db.sync`` can name the database of a journal.
     """
 
     def __init__(self, path: Path, database: str | None = None) -> None:
         self.path = Path(path)
         self.rejected_path = self.path.with_name(self.path.name + ".rejected")
         self.database = database
+        self._database_written = False
 
     @property
     def database_path(self) -> Path:
@@ -88,8 +89,11 @@ class Journal:
         """Append one record and fsync it; raises OSError when the file cannot be written."""
         data = (encode_record(record) + "\n").encode("utf-8", "surrogatepass")
         with self._locked(os.O_WRONLY | os.O_APPEND) as fd:
-            if self.database and not self.database_path.exists():
-                self.database_path.write_text(self.database + "\n", encoding="utf-8")
+            if self.database and not self._database_written:
+                # Written once per Journal object, not stat'ed at every append.
+                if not self.database_path.exists():
+                    self.database_path.write_text(self.database + "\n", encoding="utf-8")
+                self._database_written = True
             written = 0
             while written < len(data):
                 written += os.write(fd, data[written:])
