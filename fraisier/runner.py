@@ -709,7 +709,7 @@ class FraiseRun:
                                 "not changed: another host of this rollback cannot be locked"
                             )
                             self.services.recorder.save_host(hostrun.record)
-                elif to_release is None or not self._refuse_unusable_target(hostruns, to_release):
+                elif to_release is None or not self._reject_unusable_target(hostruns, to_release):
                     self._run_batch(
                         deployer,
                         hostruns,
@@ -721,11 +721,11 @@ class FraiseRun:
                     deployer.close(hostrun)
             return self._finish_rollback(run, hostruns)
 
-    def _refuse_unusable_target(self, hostruns: list[HostRun], target: str) -> bool:
-        """Refuse ``--to TARGET`` on every host when one locked host cannot switch to it.
+    def _reject_unusable_target(self, hostruns: list[HostRun], target: str) -> bool:
+        """Reject ``--to TARGET`` on every host when one locked host cannot switch to it.
 
         Switching only the hosts that have the release would leave the fleet on mixed
-        releases, so no host changes. Returns whether the rollback was refused.
+        releases, so no host changes. Returns whether the rollback was rejected.
         """
         problems = {hr.host.name: target_problem(hr, target, explicit=True) for hr in hostruns}
         unusable = sorted(name for name, problem in problems.items() if problem is not None)
@@ -748,7 +748,7 @@ class FraiseRun:
                     f"not changed: {target} cannot be used on {', '.join(unusable)}"
                 )
             self.services.recorder.save_host(record)
-        log.error("rollback to %s refused: it cannot be used on %s", target, ", ".join(unusable))
+        log.error("rollback to %s rejected: it cannot be used on %s", target, ", ".join(unusable))
         return True
 
     def _lock_for_rollback(self, hostrun: HostRun) -> None:

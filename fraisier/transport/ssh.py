@@ -334,7 +334,7 @@ class SSHTransport(Transport):
             # The connection is up but the server closed the subsystem channel: its sshd has
             # no SFTP subsystem, which a retry cannot fix.
             raise ProviderError(
-                f"{self.name} refused the SFTP subsystem ({exc}); Fraisier uploads releases "
+                f"{self.name} rejected the SFTP subsystem request ({exc}); Fraisier uploads releases "
                 "over SFTP, so add 'Subsystem sftp internal-sftp' (or the path of "
                 "sftp-server) to the host's sshd_config and reload sshd",
                 code="sftp_unavailable",

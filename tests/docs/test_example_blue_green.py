@@ -243,7 +243,7 @@ def test_rollback_to_stopped_slot_fails_loudly(sandbox: Sandbox) -> None:
     host = sandbox.hosts[0]
     _first, second = deploy_twice(sandbox)
     blue_pid = serving(host, port["blue"])["pid"]
-    # The idle slot, which still runs the first release, stops answering.
+    # The idle slot, which still runs the first release, stops responding.
     os.kill(blue_pid, signal.SIGSTOP)
     try:
         run = fraisier(sandbox, "rollback --env prod", expect=3)
@@ -254,5 +254,5 @@ def test_rollback_to_stopped_slot_fails_loudly(sandbox: Sandbox) -> None:
     entry = {h["host"]: h for h in run["hosts"]}["web1"]
     assert entry["status"] == "failed"
     assert "does not answer" in entry["error"]
-    # Traffic stayed on the slot that answers.
+    # Traffic stayed on the slot that responds.
     assert answer["release"] == second

@@ -507,8 +507,8 @@ def test_cron_usage_and_relative_project(sandbox: Sandbox, cron_env: dict[str, s
 def _exiting_fraisier(directory: Path, code: int) -> Path:
     """Write a stand-in for fraisier that prints an empty summary and exits with ``code``.
 
-    A real failed rollback (3) and a failed database task (5) are produced by the fault and
-    database tests; here only the scripts' handling of the codes is under test.
+    The fault and database tests produce a real failed rollback (3) and a failed database task
+    (5). Here only the scripts' handling of the codes is under test.
     """
     stub = directory / f"fraisier-exit-{code}"
     stub.write_text(f"#!/bin/sh\necho '[]'\nexit {code}\n")

@@ -523,7 +523,7 @@ def test_host_without_sftp_named(tmp_path: Path, ssh_host_factory: Any) -> None:
     )
 
     assert dry_run.returncode == 1, str(dry_run)
-    assert "refused the SFTP subsystem" in dry_run.stdout
+    assert "rejected the SFTP subsystem request" in dry_run.stdout
     assert result.returncode == 1, str(result)
     entry = result.json()[0]["hosts"][0]
     assert entry["status"] == "failed"

@@ -36,7 +36,7 @@ stop_slot() {
   return 1
 }
 
-# Wait up to 10 s until the URL $1 answers with a 2xx status.
+# Wait up to 10 s until the URL $1 responds with a 2xx status.
 wait_http() {
   "$PYTHON" -c '
 import sys, time, urllib.request
@@ -49,8 +49,8 @@ for _ in range(50):
 sys.exit(sys.argv[1] + " did not answer with a 2xx status within 10 s")' "$1"
 }
 
-# True when slot $1 answers on PROBE_PATH with a 2xx status within 2 s.
-slot_answers() {
+# True when slot $1 responds on PROBE_PATH with a 2xx status within 2 s.
+slot_responds() {
   "$PYTHON" -c '
 import sys, urllib.request
 try:
@@ -60,7 +60,7 @@ except OSError:
     sys.exit(1)' "http://$(local_address):$(port_of "$1")$PROBE_PATH"
 }
 
-# Start the release folder $2 in slot $1 and wait until it answers on PROBE_PATH.
+# Start the release folder $2 in slot $1 and wait until it responds on PROBE_PATH.
 start_slot() {
   stop_slot "$1" || return 1
   mkdir -p log
